@@ -1,0 +1,332 @@
+"""Chunkwise-parallel KDA in pure JAX with a hand-written backward (kda_spec §3 and §4).
+
+The sequence is cut into chunks of C ∈ {32, 64} tokens (16-token sub-chunks inside). Per chunk
+and value head, with G the inclusive in-chunk cumsum of the log decay a (§3.1):
+
+    Aqk = s·tril(Σ_d Q_id K_jd e^{G_id−G_jd})        L = strict_tril(β_i Σ_d K_id K_jd e^{G_id−G_jd})
+    T = (I + L)⁻¹      W = T·Diag(β)(K⊙Γ)      U = T·Diag(β)V      Kd = K⊙e^{G_end−G}
+    Vn = U − W·S       O = s(Q⊙Γ)·S + Aqk·Vn    S ← e^{G_end}⊙S + Kdᵀ·Vn     (lax.scan over chunks)
+
+Numerics (§3.5):
+* The decay sits inside the sum over channels, so Aqk and L are never built from a
+  ``[C, C, K]`` tensor over the whole chunk. Off-diagonal 16×16 blocks factor
+  e^{G_i−G_j} = e^{G_i−G_n}·e^{G_n−G_j} around the first row n of the query sub-chunk, so both
+  factors are ≤ 1 and the block is one matmul; the diagonal 16×16 blocks are computed exactly,
+  elementwise, from e^{G_i−G_j} with j ≤ i. Every exponent is ≤ 0 and masked entries are
+  removed with ``where`` before ``exp``, so gates of −1000 (or −inf-like decays) are safe.
+* Packed documents (segment ids): G is the *continuous* in-chunk cumsum, which is monotone, so
+  no exponent is ever positive across a document boundary (cf. sglang-jax#1587). Tokens are
+  grouped into "zones" (documents inside the chunk); pairs across zones are removed from Aqk
+  and L with ``where``, rows outside the first zone do not read the incoming state, rows
+  outside the last zone do not write the outgoing state, and a chunk containing a boundary
+  does not carry the old state forward. The state therefore restarts exactly at every
+  boundary, anywhere inside a chunk.
+* G, Aqk, L, the triangular inverse, W, U, the state and every gradient are float32 (float64
+  when the inputs are float64, which the tests use to check the algorithm to 1e-10). Matmuls
+  use the backend's default precision, except the inverse, which uses HIGHEST.
+* T = (I + L)⁻¹ (§3.4): 16×16 diagonal blocks by row-wise forward substitution, then block
+  forward substitution T[p, <p] = −T_pp · L[p, <p] · T[<p, <p].
+
+Memory (§4.1): the forward saves q, k, v, a, β, the initial state, Aqk and T (2·C floats per
+token-head); the backward recomputes G, W, U, Kd and the chunk states h, then sweeps the
+chunks in reverse carrying dS. Peak memory is linear in T.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kda_jax.ops.inputs import expand_heads, pad_time
+
+SUB = 16
+_HIGHEST = jax.lax.Precision.HIGHEST
+_CAUSAL_SUB = np.tril(np.ones((SUB, SUB), bool))
+
+
+# ----------------------------------------------------------------------------------------------
+# layout helpers: [B, T, HV, D] <-> chunk-major [N, B, HV, C, D]
+
+
+def _to_chunks(x: jax.Array, C: int) -> jax.Array:
+    B, T, HV, D = x.shape
+    return x.reshape(B, T // C, C, HV, D).transpose(1, 0, 3, 2, 4)
+
+
+def _from_chunks(x: jax.Array) -> jax.Array:
+    N, B, HV, C, D = x.shape
+    return x.transpose(1, 0, 3, 2, 4).reshape(B, N * C, HV, D)
+
+
+def _mT(x: jax.Array) -> jax.Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _diag_blocks(M: jax.Array) -> jax.Array:
+    """[..., C, C] -> its 16×16 diagonal blocks [..., C/16, 16, 16]."""
+    nc = M.shape[-1] // SUB
+    Mb = M.reshape(*M.shape[:-2], nc, SUB, nc, SUB)
+    return jnp.moveaxis(jnp.diagonal(Mb, axis1=-4, axis2=-2), -1, -3)
+
+
+def _block_diag(D: jax.Array) -> jax.Array:
+    """[..., nc, 16, 16] -> block-diagonal [..., C, C]."""
+    nc = D.shape[-3]
+    eye = jnp.eye(nc, dtype=D.dtype)
+    full = D[..., :, :, None, :] * eye[:, None, :, None]
+    return full.reshape(*D.shape[:-3], nc * SUB, nc * SUB)
+
+
+# ----------------------------------------------------------------------------------------------
+# document zones inside a chunk
+
+
+class _Zones:
+    """Masks that restart the state at document boundaries inside chunks (module docstring).
+
+    ``zone`` is ``[N, B, 1, C]`` int: the number of document starts in the chunk up to and
+    including each row (0 = the document that continues from the incoming state), or None.
+    """
+
+    def __init__(self, zone: jax.Array | None):
+        self.zone = zone
+
+    def pair(self, M: jax.Array, strict: bool) -> jax.Array:
+        C = M.shape[-1]
+        keep = np.tril(np.ones((C, C), bool), -1 if strict else 0)
+        if self.zone is not None:
+            keep = keep & (self.zone[..., :, None] == self.zone[..., None, :])
+        return jnp.where(keep, M, 0.0)
+
+    def reads_state(self, x: jax.Array) -> jax.Array:  # rows of the first zone, x [..., C, D]
+        return x if self.zone is None else jnp.where((self.zone == 0)[..., None], x, 0.0)
+
+    def writes_state(self, x: jax.Array) -> jax.Array:  # rows of the last zone
+        return x if self.zone is None else jnp.where((self.zone == self.zone[..., -1:])[..., None], x, 0.0)
+
+    def carries_state(self, x: jax.Array) -> jax.Array:  # x [..., K]: zero if the chunk has a boundary
+        return x if self.zone is None else jnp.where(self.zone[..., -1:] == 0, x, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# gated lower-triangular products  M_ij = Σ_d X_id Y_jd e^{G_id − G_jd}  (kda_spec §3.5, §4.2)
+
+
+class _Gating:
+    """Reference-point factors of e^{G_i − G_j} for the chunks of G ``[..., C, K]``.
+
+    Off-diagonal sub-blocks: query rows i of sub-chunk p use ``qfac = e^{G_i − G_n(p)}`` and key
+    rows j of earlier sub-chunks use ``kfac[p] = e^{G_n(p) − G_j}`` (zero for j not earlier), with
+    n(p) the first row of p; both are ≤ 1. Diagonal sub-blocks use e^{G_i − G_j}, j ≤ i, exactly.
+    """
+
+    def __init__(self, G: jax.Array):
+        C, K = G.shape[-2:]
+        self.nc = nc = C // SUB
+        self.Gb = G.reshape(*G.shape[:-2], nc, SUB, K)
+        Gn = self.Gb[..., 0, :]
+        self.qfac = jnp.exp(self.Gb - Gn[..., None, :])
+        earlier = (np.arange(C)[None, :] // SUB) < np.arange(nc)[:, None]  # [nc, C]
+        ex = Gn[..., :, None, :] - G[..., None, :, :]
+        self.kfac = jnp.exp(jnp.where(earlier[:, :, None], ex, -jnp.inf))  # [..., nc, C, K]
+
+    def _dexp(self) -> jax.Array:  # [..., nc, 16, 16, K]: e^{G_i − G_j} for j ≤ i in a sub-chunk
+        d = self.Gb[..., :, None, :] - self.Gb[..., None, :, :]
+        return jnp.exp(jnp.where(_CAUSAL_SUB[:, :, None], d, -jnp.inf))
+
+    def _blocks(self, x: jax.Array) -> jax.Array:
+        return x.reshape(*x.shape[:-2], self.nc, SUB, x.shape[-1])
+
+    def lower(self, X: jax.Array, Y: jax.Array) -> jax.Array:
+        """Unmasked-by-zone lower-triangular (incl. diagonal) M ``[..., C, C]``."""
+        Xb, Yb = self._blocks(X), self._blocks(Y)
+        off = jnp.einsum("...pid,...pjd->...pij", Xb * self.qfac, Y[..., None, :, :] * self.kfac)
+        diag = jnp.sum(Xb[..., :, None, :] * Yb[..., None, :, :] * self._dexp(), axis=-1)
+        C = X.shape[-2]
+        return off.reshape(*off.shape[:-3], C, C) + _block_diag(diag)
+
+    def row_adjoint(self, dM: jax.Array, Y: jax.Array) -> jax.Array:
+        """Σ_j dM_ij Y_j e^{G_i − G_j} for a lower-triangular dM: the gradient w.r.t. X."""
+        C = dM.shape[-1]
+        dMb = dM.reshape(*dM.shape[:-2], self.nc, SUB, C)
+        off = self.qfac * jnp.einsum("...pij,...pjd->...pid", dMb, Y[..., None, :, :] * self.kfac)
+        diag = jnp.sum(_diag_blocks(dM)[..., None] * self._blocks(Y)[..., None, :, :] * self._dexp(), axis=-2)
+        return (off + diag).reshape(Y.shape)
+
+    def col_adjoint(self, dM: jax.Array, X: jax.Array) -> jax.Array:
+        """Σ_i dM_ij X_i e^{G_i − G_j} for a lower-triangular dM: the gradient w.r.t. Y."""
+        C = dM.shape[-1]
+        dMb = dM.reshape(*dM.shape[:-2], self.nc, SUB, C)
+        Xb = self._blocks(X)
+        off = jnp.sum(self.kfac * jnp.einsum("...pij,...pid->...pjd", dMb, Xb * self.qfac), axis=-3)
+        diag = jnp.sum(_diag_blocks(dM)[..., None] * Xb[..., :, None, :] * self._dexp(), axis=-3)
+        return off + diag.reshape(X.shape)
+
+
+def _unit_lower_inverse(L: jax.Array) -> jax.Array:
+    """T = (I + L)⁻¹ for strictly lower-triangular L ``[..., C, C]`` (kda_spec §3.4)."""
+    C = L.shape[-1]
+    nc = C // SUB
+    X = -_diag_blocks(L)
+    for i in range(2, SUB):  # rows 0 and 1 are final; each step uses finished rows only
+        X = X.at[..., i, :].add(jnp.einsum("...m,...mj->...j", X[..., i, :i], X[..., :i, :], precision=_HIGHEST))
+    Tdiag = X + jnp.eye(SUB, dtype=L.dtype)
+    T = _block_diag(Tdiag)
+    for p in range(1, nc):
+        r = slice(p * SUB, (p + 1) * SUB)
+        rhs = jnp.einsum("...ij,...jk->...ik", L[..., r, : p * SUB], T[..., : p * SUB, : p * SUB], precision=_HIGHEST)
+        T = T.at[..., r, : p * SUB].set(-jnp.einsum("...ij,...jk->...ik", Tdiag[..., p, :, :], rhs, precision=_HIGHEST))
+    return T
+
+
+# ----------------------------------------------------------------------------------------------
+# the chunk pieces shared by forward and backward
+
+
+def _intra(qf, kf, beta, gating: _Gating, zones: _Zones, scale):
+    """Aqk (lower incl. diagonal) and T = (I + L)⁻¹, both ``[..., C, C]``."""
+    Aqk = zones.pair(scale * gating.lower(qf, kf), strict=False)
+    L = zones.pair(beta[..., None] * gating.lower(kf, kf), strict=True)
+    return Aqk, _unit_lower_inverse(L)
+
+
+def _wy(kf, vf, beta, G, T, zones: _Zones):
+    """W, U, Kd and the decay factors of one chunk (kda_spec §3.2 C)."""
+    Gamma = zones.reads_state(jnp.exp(G))
+    E = zones.writes_state(jnp.exp(G[..., -1:, :] - G))
+    gend = zones.carries_state(jnp.exp(G[..., -1, :]))
+    Kb = beta[..., None] * kf * Gamma
+    W = T @ Kb
+    U = T @ (beta[..., None] * vf)
+    return dict(Gamma=Gamma, E=E, gend=gend, Kb=Kb, W=W, U=U, Kd=kf * E)
+
+
+def _state_scan(W, U, Kd, gend, h0):
+    """Sequential pass over chunks: states at chunk starts h, pseudo-values Vn, final state."""
+
+    def step(S, xs):
+        W_n, U_n, Kd_n, g_n = xs
+        Vn = U_n - W_n @ S
+        return g_n[..., :, None] * S + _mT(Kd_n) @ Vn, (S, Vn)
+
+    S_T, (h, Vn) = jax.lax.scan(step, h0, (W, U, Kd, gend))
+    return h, Vn, S_T
+
+
+def _prepare(q, k, v, a, beta, zone):
+    acc = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
+    G = jnp.cumsum(a.astype(acc), axis=-2)
+    return q.astype(acc), k.astype(acc), v.astype(acc), beta.astype(acc), G, _Zones(zone)
+
+
+# ----------------------------------------------------------------------------------------------
+# custom VJP core on chunk-major inputs [N, B, HV, C, D]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
+def _core(q, k, v, a, beta, h0, zone, scale):
+    return _core_fwd(q, k, v, a, beta, h0, zone, scale)[0]
+
+
+def _core_fwd(q, k, v, a, beta, h0, zone, scale):
+    qf, kf, vf, bf, G, zones = _prepare(q, k, v, a, beta, zone)
+    Aqk, T = _intra(qf, kf, bf, _Gating(G), zones, scale)
+    f = _wy(kf, vf, bf, G, T, zones)
+    h, Vn, S_T = _state_scan(f["W"], f["U"], f["Kd"], f["gend"], h0.astype(qf.dtype))
+    o = scale * (qf * f["Gamma"]) @ h + Aqk @ Vn
+    return (o.astype(v.dtype), S_T.astype(h0.dtype)), (q, k, v, a, beta, h0, zone, Aqk, T)
+
+
+def _core_bwd(scale, res, cts):
+    q, k, v, a, beta, h0, zone, Aqk, T = res
+    dO, dS_T = cts
+    qf, kf, vf, bf, G, zones = _prepare(q, k, v, a, beta, zone)
+    acc = qf.dtype
+    gating = _Gating(G)
+    f = _wy(kf, vf, bf, G, T, zones)
+    h, Vn, _ = _state_scan(f["W"], f["U"], f["Kd"], f["gend"], h0.astype(acc))
+    dO = dO.astype(acc)
+
+    # reverse sweep over chunks carrying dS (kda_spec §4.2 step 1)
+    dVn_local = _mT(Aqk) @ dO
+    QgdO = scale * _mT(qf * f["Gamma"]) @ dO
+
+    def rstep(dS, xs):
+        dVl, Kd_n, W_n, g_n, qd_n = xs
+        dVn = dVl + Kd_n @ dS
+        return qd_n + g_n[..., :, None] * dS - _mT(W_n) @ dVn, (dS, dVn)
+
+    dh0, (dSn, dVn) = jax.lax.scan(
+        rstep, dS_T.astype(acc), (dVn_local, f["Kd"], f["W"], f["gend"], QgdO), reverse=True
+    )
+
+    # inter-chunk parts (step 2)
+    dq = scale * (dO @ _mT(h)) * f["Gamma"]
+    dk = (Vn @ _mT(dSn)) * f["E"]
+    dG = qf * dq - kf * dk
+    dG_last = jnp.sum(h * dSn, axis=-1) * f["gend"] + jnp.sum(kf * dk, axis=-2)
+
+    # WY factors (step 3)
+    dW = -dVn @ _mT(h)
+    dKb = _mT(T) @ dW
+    dUb = _mT(T) @ dVn
+    dv = bf[..., None] * dUb
+    dbeta = jnp.sum(dUb * vf, -1) + jnp.sum(dKb * kf * f["Gamma"], -1)
+    dk = dk + bf[..., None] * f["Gamma"] * dKb
+    dG = dG + f["Kb"] * dKb
+    dT = dW @ _mT(f["Kb"]) + dVn @ _mT(bf[..., None] * vf)
+
+    # through the inverse and L (steps 4-5); L_ij = β_i Σ_d K_id K_jd e^{G_id − G_jd}
+    dL = zones.pair(-(_mT(T) @ dT @ _mT(T)), strict=True)
+    row = gating.row_adjoint(dL, kf)
+    dbeta = dbeta + jnp.sum(kf * row, -1)
+    dk = dk + bf[..., None] * row
+    dG = dG + bf[..., None] * kf * row
+    col = gating.col_adjoint(dL, bf[..., None] * kf)
+    dk = dk + col
+    dG = dG - kf * col
+
+    # through Aqk = s·P (step 6)
+    dP = scale * zones.pair(dO @ _mT(Vn), strict=False)
+    row = gating.row_adjoint(dP, kf)
+    dq = dq + row
+    dG = dG + qf * row
+    col = gating.col_adjoint(dP, qf)
+    dk = dk + col
+    dG = dG - kf * col
+
+    # from G to the per-token log decay: reverse cumsum inside the chunk (step 7)
+    dG = dG.at[..., -1, :].add(dG_last)
+    da = jnp.flip(jnp.cumsum(jnp.flip(dG, -2), axis=-2), -2)
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), da.astype(a.dtype),
+            dbeta.astype(beta.dtype), dh0.astype(h0.dtype), None)
+
+
+_core.defvjp(_core_fwd, _core_bwd)
+
+
+# ----------------------------------------------------------------------------------------------
+# public entry on canonical inputs
+
+
+def kda_chunked(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64):
+    """Canonical inputs (``inputs.canonicalize``) -> (o ``[B, T, HV, V]`` in v.dtype, final state f32).
+
+    Any T: the tail is padded with no-op tokens (g = 0, q = k = v = β = 0, no reset).
+    """
+    B, T, HV, V = v.shape
+    K = q.shape[-1]
+    C = chunk_size
+    q, k = expand_heads(q, HV), expand_heads(k, HV)
+    q, k, v, g = (_to_chunks(pad_time(x, C), C) for x in (q, k, v, g))
+    beta = _to_chunks(pad_time(beta, C)[..., None], C)[..., 0]
+    zone = None
+    if resets is not None:
+        r = pad_time(resets, C).reshape(B, -1, C)
+        zone = jnp.cumsum(r.astype(jnp.int32), axis=-1).transpose(1, 0, 2)[:, :, None, :]
+    h0 = jnp.zeros((B, HV, K, V), jnp.float32) if initial_state is None else initial_state
+    o, S_T = _core(q, k, v, g, beta, h0, zone, float(scale))
+    return _from_chunks(o)[:, :T], S_T

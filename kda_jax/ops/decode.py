@@ -1,0 +1,43 @@
+"""Recurrent KDA update for inference: one token or a few tokens per call (kda_spec §6.2).
+
+Decode is bound by state traffic (128 KB of float32 state per head per token for K = V = 128),
+so it is exactly the recurrence of ``reference.recurrent_step`` on a float32 state, run over
+the few new tokens. Callers that own the state should jit with the state donated, e.g.
+``jax.jit(kda_decode, donate_argnames="state", static_argnames=(...))``, so XLA updates it in
+place. The GPU decode kernel (issue 5) plugs in behind the same signature.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kda_jax.ops.inputs import canonicalize, expand_heads
+from kda_jax.ops.reference import recurrent_step
+
+
+def decode_canonical(q, k, v, g, beta, *, scale, state):
+    """Canonical inputs with S = q.shape[1] new tokens -> (o ``[B, S, HV, V]``, new float32 state)."""
+    HV = v.shape[2]
+    q, k = expand_heads(q, HV).astype(jnp.float32), expand_heads(k, HV).astype(jnp.float32)
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v.astype(jnp.float32), g, beta))
+
+    def step(S, x):
+        o, S = recurrent_step(S, *x, scale)
+        return S, o
+
+    S, o = jax.lax.scan(step, state.astype(jnp.float32), xs)
+    return jnp.moveaxis(o, 0, 1).astype(v.dtype), S
+
+
+def kda_decode(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=False, A_log=None, dt_bias=None,
+               beta_is_logit=False, scalar_gate=False):
+    """Advance float32 ``state`` ``[B, HV, K, V]`` by the tokens of q ``[B, S, H, K]`` (S ≥ 1, small).
+
+    Arguments mean what they mean in ``kda_jax.ops.kda``; returns (o ``[B, S, HV, V]``, new state).
+    """
+    if state is None:
+        raise ValueError("state must be a float32 array [B, HV, K, V]; use zeros for a new sequence")
+    c = canonicalize(q, k, v, g, beta, scale=scale, initial_state=state, use_qk_l2norm=use_qk_l2norm,
+                     A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit, scalar_gate=scalar_gate)
+    return decode_canonical(c.q, c.k, c.v, c.g, c.beta, scale=c.scale, state=c.initial_state)
