@@ -1,0 +1,35 @@
+# kda-jax: `make install`, `make test`, `make bench`. Python 3.12 is required.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# A pyenv shim named python3.12 may refuse to run without PYENV_VERSION; try the plain
+# interpreter first, then the pyenv-selected one.
+PYTHON312 := $(shell for c in "python3.12" "env PYENV_VERSION=3.12.1 python3.12" "env PYENV_VERSION=3.12 python3.12"; do \
+	if $$c -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then echo "$$c"; break; fi; done)
+PYTEST_ARGS ?=
+
+.PHONY: install test test-all test-gpu bench clean
+
+$(VENV)/.installed: pyproject.toml
+	@if [ -z '$(PYTHON312)' ]; then echo "Python 3.12 not found (tried python3.12 and PYENV_VERSION=3.12.1 python3.12)"; exit 1; fi
+	$(PYTHON312) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install  ## default suite (CPU; excludes `gpu` and `slow`)
+	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+
+test-all: install  ## include slow tests
+	$(PY) -m pytest -n 2 -q -m "not gpu" $(PYTEST_ARGS)
+
+test-gpu:  ## on a CUDA machine: the GPU-marked tests
+	python3 -m pytest -q -m gpu $(PYTEST_ARGS)
+
+bench:  ## on a CUDA machine: op benchmarks, JSON to benchmarks/results/
+	python3 benchmarks/kda_ops.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache
