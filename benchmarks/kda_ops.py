@@ -1,0 +1,246 @@
+"""KDA op benchmark: kda-jax vs flash-linear-attention and jax-linear-attention, same GPU, same run.
+
+Shapes (benchmarks.md): H = 16, K = V = 128, bf16 q/k/v/β, float32 log decay g = −softplus(N(0,1)),
+q and k L2-normalised; short 8×2048, mid 2×8192, long 1×32768. Forward alone and forward+backward
+(gradients of Σ o⊙dO w.r.t. q, k, v, g, β), median of ``--iters`` timed calls after warm-up.
+
+Also records, for the pure-JAX ``chunked`` path, the compiled peak-memory analysis of
+forward+backward at B = 1, H = 16, K = V = 128 and T = 8K … 64K (linear in T).
+
+Baselines run only when installed (they are never dependencies of kda-jax). On the GPU machine:
+
+    pip install --no-index --no-deps --target .site .whl/*.whl   # fla 0.6.0, fla-core, jla 0.1.0, ...
+    PYTHONPATH=.site:. python benchmarks/kda_ops.py
+
+Writes ``benchmarks/results/kda_ops_<gpu>.json`` (or ``--out``) and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
+os.environ.setdefault("TRITON_CACHE_DIR", "/tmp/triton_cache")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from kda_jax.ops import kda  # noqa: E402
+
+SHAPES = {"short": (8, 2048), "mid": (2, 8192), "long": (1, 32768)}
+H, K, V = 16, 128, 128
+
+
+def make_inputs(B, T, seed=0):
+    rng = np.random.default_rng(seed)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q = unit(rng.standard_normal((B, T, H, K), np.float32))
+    k = unit(rng.standard_normal((B, T, H, K), np.float32))
+    v = rng.standard_normal((B, T, H, V), np.float32)
+    g = -np.logaddexp(0.0, rng.standard_normal((B, T, H, K), np.float32)).astype(np.float32)
+    beta = 1 / (1 + np.exp(-rng.standard_normal((B, T, H), np.float32)))
+    do = rng.standard_normal((B, T, H, V), np.float32)
+    return dict(q=q, k=k, v=v, g=g, beta=beta.astype(np.float32), do=do)
+
+
+def time_jax(fn, args, iters, warmup=3):
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts), min(ts)
+
+
+def rel_rmse(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.sqrt(np.mean((a - b) ** 2)) / np.sqrt(np.mean(b**2)))
+
+
+# ---------------------------------------------------------------------------------------------
+# JAX implementations (ours and jla)
+
+
+def jax_impls():
+    impls = {"kda_jax.chunked": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="chunked")[0]}
+    try:
+        from jla.ops import linear_attention
+        import jla.ops.mosaic_gpu  # noqa: F401  (registers the kernels)
+
+        impls["jla.mosaic_gpu"] = lambda q, k, v, g, beta: linear_attention("kda", q, k, v, g=g, beta=beta,
+                                                                           impl="mosaic_gpu")[0]
+        impls["jla.chunked"] = lambda q, k, v, g, beta: linear_attention("kda", q, k, v, g=g, beta=beta,
+                                                                        impl="chunked")[0]
+    except Exception as e:  # not installed: skip, say so
+        print(f"jla not available ({type(e).__name__}: {e})")
+    return impls
+
+
+def bench_jax(name, f, x, iters):
+    args = tuple(jnp.asarray(x[n], jnp.bfloat16 if n in "qkv" or n == "beta" else jnp.float32)
+                 for n in ("q", "k", "v", "g", "beta"))
+    do = jnp.asarray(x["do"], jnp.bfloat16)
+    fwd = jax.jit(f)
+    fwdbwd = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * do), argnums=(0, 1, 2, 3, 4)))
+    out = np.asarray(fwd(*args).astype(jnp.float32))
+    rows = []
+    for p, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+        ms, ms_min = time_jax(fn, args, iters)
+        rows.append(dict(impl=name, pass_=p, ms=ms, ms_min=ms_min, n=iters))
+    return rows, out
+
+
+# ---------------------------------------------------------------------------------------------
+# flash-linear-attention (PyTorch + Triton)
+
+
+def fla_impl():
+    try:
+        import torch
+        from fla.ops.kda import chunk_kda
+        return torch, chunk_kda
+    except Exception as e:
+        print(f"fla not available ({type(e).__name__}: {e})")
+        return None, None
+
+
+def bench_fla(torch, chunk_kda, x, iters):
+    dev = "cuda"
+    t = lambda n, dt: torch.tensor(x[n], device=dev, dtype=dt)
+    q, k, v, beta = (t(n, torch.bfloat16) for n in ("q", "k", "v", "beta"))
+    g = t("g", torch.float32)
+    do = t("do", torch.bfloat16)
+
+    def timed(fn):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        ts = []
+        for _ in range(iters):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            fn()
+            e.record()
+            torch.cuda.synchronize()
+            ts.append(s.elapsed_time(e))
+        return statistics.median(ts), min(ts)
+
+    with torch.no_grad():
+        out = chunk_kda(q, k, v, g, beta)[0].float().cpu().numpy()
+        fwd = timed(lambda: chunk_kda(q, k, v, g, beta))
+    leaves = [a.clone().requires_grad_(True) for a in (q, k, v, g, beta)]
+
+    def fwdbwd():
+        o, _ = chunk_kda(*leaves)
+        o.backward(do)
+
+    bwd = timed(fwdbwd)
+    rows = [dict(impl="fla.chunk_kda", pass_="fwd", ms=fwd[0], ms_min=fwd[1], n=iters),
+            dict(impl="fla.chunk_kda", pass_="fwdbwd", ms=bwd[0], ms_min=bwd[1], n=iters)]
+    return rows, out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def memory_rows():
+    """Compiled memory of chunked forward+backward at B=1, H=16, K=V=128 (bytes)."""
+    rows = []
+    f = lambda *a: kda(*a, impl="chunked")[0]
+    for T in (8192, 16384, 32768, 65536):
+        shp = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
+        args = (shp(1, T, H, K), shp(1, T, H, K), shp(1, T, H, V), shp(1, T, H, K, dt=jnp.float32), shp(1, T, H))
+        grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)))
+        m = grad.lower(*args).compile().memory_analysis()
+        rows.append(dict(T=T, temp_bytes=int(m.temp_size_in_bytes), argument_bytes=int(m.argument_size_in_bytes),
+                         output_bytes=int(m.output_size_in_bytes),
+                         temp_bytes_per_token_head=m.temp_size_in_bytes / (T * H)))
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--shapes", default="short,mid,long")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    gpu = jax.devices()[0].device_kind
+    impls = jax_impls()
+    torch, chunk_kda = fla_impl()
+    rows, checks = [], []
+    for shape in args.shapes.split(","):
+        B, T = SHAPES[shape]
+        x = make_inputs(B, T)
+        outs = {}
+        for name, f in impls.items():
+            try:
+                r, outs[name] = bench_jax(name, f, x, args.iters)
+                rows += [dict(r_, shape=shape, B=B, T=T, H=H, K=K, V=V) for r_ in r]
+            except Exception as e:
+                print(f"{name} {shape} failed: {type(e).__name__}: {str(e)[:300]}")
+        if torch is not None:
+            try:
+                r, outs["fla.chunk_kda"] = bench_fla(torch, chunk_kda, x, args.iters)
+                rows += [dict(r_, shape=shape, B=B, T=T, H=H, K=K, V=V) for r_ in r]
+            except Exception as e:
+                print(f"fla {shape} failed: {type(e).__name__}: {str(e)[:300]}")
+        if "fla.chunk_kda" in outs:
+            for name, o in outs.items():
+                if name != "fla.chunk_kda":
+                    checks.append(dict(shape=shape, impl=name, vs="fla.chunk_kda",
+                                       rel_rmse_o=rel_rmse(o, outs["fla.chunk_kda"])))
+        print(json.dumps([r for r in rows if r["shape"] == shape]), flush=True)
+    for r in rows:
+        r["pass"] = r.pop("pass_")
+
+    mem = memory_rows()
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        sha = "unknown"
+    versions = {"jax": jax.__version__, "kda_jax": sha}
+    for mod, key in (("fla", "fla"), ("jla", "jla"), ("torch", "torch"), ("triton", "triton")):
+        try:
+            versions[key] = __import__(mod).__version__
+        except Exception:
+            pass
+    result = dict(benchmark="kda_ops", gpu=gpu, date=datetime.date.today().isoformat(), versions=versions,
+                  rows=rows, output_agreement=checks, chunked_fwdbwd_memory=mem)
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"kda_ops_{gpu.replace(' ', '_').replace('/', '_')}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1)
+
+    print(f"\nGPU: {gpu}   (median ms of {args.iters} calls)")
+    names = sorted({r["impl"] for r in rows})
+    print(f"{'impl':18s} " + " ".join(f"{s + ' ' + p:>14s}" for s in SHAPES for p in ("fwd", "fwdbwd")))
+    for n in names:
+        cells = []
+        for s in SHAPES:
+            for p in ("fwd", "fwdbwd"):
+                m = [r["ms"] for r in rows if r["impl"] == n and r["shape"] == s and r["pass"] == p]
+                cells.append(f"{m[0]:14.2f}" if m else f"{'-':>14s}")
+        print(f"{n:18s} " + " ".join(cells))
+    for c in checks:
+        print(f"agreement {c['shape']}: {c['impl']} vs fla rel RMSE {c['rel_rmse_o']:.2e}")
+    for m in mem:
+        print(f"chunked fwd+bwd T={m['T']}: temp {m['temp_bytes'] / 2**20:.0f} MiB "
+              f"({m['temp_bytes_per_token_head']:.0f} B per token-head)")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
