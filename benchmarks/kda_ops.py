@@ -80,8 +80,6 @@ def jax_impls():
 
         impls["jla.mosaic_gpu"] = lambda q, k, v, g, beta: linear_attention("kda", q, k, v, g=g, beta=beta,
                                                                            impl="mosaic_gpu")[0]
-        impls["jla.chunked"] = lambda q, k, v, g, beta: linear_attention("kda", q, k, v, g=g, beta=beta,
-                                                                        impl="chunked")[0]
     except Exception as e:  # not installed: skip, say so
         print(f"jla not available ({type(e).__name__}: {e})")
     return impls
