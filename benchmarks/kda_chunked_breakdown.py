@@ -55,7 +55,7 @@ def main():
         return ck._prepare(q, k, v, g, beta, None)
 
     qf, kf, vf, bf, G, zones = prep(q, k, v, g, beta)
-    rows["gating.lower (1x)"] = t(lambda qf, kf, G: ck._Gating(G).lower(qf, kf), qf, kf, G)
+    rows["gating.lower (1x)"] = t(lambda qf, kf, G: ck._Gating(G).lower(qf[None], kf), qf, kf, G)
     rows["intra (Aqk, L, inverse)"] = t(lambda qf, kf, bf, G: ck._intra(qf, kf, bf, ck._Gating(G), zones, s), qf, kf, bf, G)
     Aqk, Tm = jax.jit(lambda qf, kf, bf, G: ck._intra(qf, kf, bf, ck._Gating(G), zones, s))(qf, kf, bf, G)
     L = jnp.tril(Aqk, -1)
@@ -64,8 +64,8 @@ def main():
     f = jax.jit(lambda kf, vf, bf, G, Tm: ck._wy(kf, vf, bf, G, Tm, zones))(kf, vf, bf, G, Tm)
     rows["state scan"] = t(ck._state_scan, f["W"], f["U"], f["Kd"], f["gend"], h0)
     dM = jnp.tril(Aqk)
-    rows["row_adjoint (1x)"] = t(lambda dM, kf, G: ck._Gating(G).row_adjoint(dM, kf), dM, kf, G)
-    rows["col_adjoint (1x)"] = t(lambda dM, qf, G: ck._Gating(G).col_adjoint(dM, qf), dM, qf, G)
+    rows["row_adjoint (1x)"] = t(lambda dM, kf, G: ck._Gating(G).row_adjoint(dM[None], kf), dM, kf, G)
+    rows["col_adjoint (1x)"] = t(lambda dM, qf, G: ck._Gating(G).col_adjoint(dM[None], qf[None]), dM, qf, G)
     rows["elementwise pass [C,K] f32"] = t(lambda a, b: a * b + 1.0, qf, kf)
     for n, ms in rows.items():
         print(f"{n:32s} {ms:8.3f} ms")

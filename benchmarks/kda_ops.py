@@ -156,7 +156,7 @@ def memory_rows():
     """Compiled memory of chunked forward+backward at B=1, H=16, K=V=128 (bytes)."""
     rows = []
     f = lambda *a: kda(*a, impl="chunked")[0]
-    for T in (8192, 16384, 32768, 65536):
+    for T in (16384, 32768):
         shp = lambda *s, dt=jnp.bfloat16: jax.ShapeDtypeStruct(s, dt)
         args = (shp(1, T, H, K), shp(1, T, H, K), shp(1, T, H, V), shp(1, T, H, K, dt=jnp.float32), shp(1, T, H))
         grad = jax.jit(jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)))
@@ -167,6 +167,19 @@ def memory_rows():
     return rows
 
 
+def write(out, gpu, sha, rows, checks, mem):
+    versions = {"jax": jax.__version__, "kda_jax": sha}
+    for mod, key in (("fla", "fla"), ("jla", "jla"), ("torch", "torch"), ("triton", "triton")):
+        try:
+            versions[key] = __import__(mod).__version__
+        except Exception:
+            pass
+    result = dict(benchmark="kda_ops", gpu=gpu, date=datetime.date.today().isoformat(), versions=versions,
+                  rows=rows, output_agreement=checks, chunked_fwdbwd_memory=mem)
+    with open(out, "w") as fh:
+        json.dump(result, fh, indent=1)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=20)
@@ -175,6 +188,13 @@ def main():
     args = ap.parse_args()
 
     gpu = jax.devices()[0].device_kind
+    out = args.out or os.path.join(os.path.dirname(__file__), "results",
+                                   f"kda_ops_{gpu.replace(' ', '_').replace('/', '_')}.json")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    try:
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
+    except Exception:
+        sha = "unknown"
     impls = jax_impls()
     torch, chunk_kda = fla_impl()
     rows, checks = [], []
@@ -199,28 +219,13 @@ def main():
                 if name != "fla.chunk_kda":
                     checks.append(dict(shape=shape, impl=name, vs="fla.chunk_kda",
                                        rel_rmse_o=rel_rmse(o, outs["fla.chunk_kda"])))
+        for r in rows:
+            r["pass"] = r.pop("pass_", r.get("pass"))
+        write(out, gpu, sha, rows, checks, [])  # after every shape, so a cut-off run keeps its results
         print(json.dumps([r for r in rows if r["shape"] == shape]), flush=True)
-    for r in rows:
-        r["pass"] = r.pop("pass_")
 
     mem = memory_rows()
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        sha = "unknown"
-    versions = {"jax": jax.__version__, "kda_jax": sha}
-    for mod, key in (("fla", "fla"), ("jla", "jla"), ("torch", "torch"), ("triton", "triton")):
-        try:
-            versions[key] = __import__(mod).__version__
-        except Exception:
-            pass
-    result = dict(benchmark="kda_ops", gpu=gpu, date=datetime.date.today().isoformat(), versions=versions,
-                  rows=rows, output_agreement=checks, chunked_fwdbwd_memory=mem)
-    out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"kda_ops_{gpu.replace(' ', '_').replace('/', '_')}.json")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out, "w") as fh:
-        json.dump(result, fh, indent=1)
+    write(out, gpu, sha, rows, checks, mem)
 
     print(f"\nGPU: {gpu}   (median ms of {args.iters} calls)")
     names = sorted({r["impl"] for r in rows})

@@ -118,52 +118,63 @@ class _Zones:
 class _Gating:
     """Reference-point factors of e^{G_i − G_j} for the chunks of G ``[..., C, K]``.
 
-    Off-diagonal sub-blocks: query rows i of sub-chunk p use ``qfac = e^{G_i − G_n(p)}`` and key
-    rows j of earlier sub-chunks use ``kfac[p] = e^{G_n(p) − G_j}`` (zero for j not earlier), with
-    n(p) the first row of p; both are ≤ 1. Diagonal sub-blocks use e^{G_i − G_j}, j ≤ i, exactly.
+    Off-diagonal sub-blocks: query rows i of sub-chunk p use ``qfac = e^{G_i − G_n(p)}`` and the
+    key rows j < 16p before it use ``kfac[p] = e^{G_n(p) − G_j}``, with n(p) the first row of p;
+    both are ≤ 1, and only the blocks below the diagonal are formed. Diagonal sub-blocks use
+    e^{G_i − G_j}, j ≤ i, exactly. Several row operands that share Y are stacked on a leading
+    axis ``S`` so that each exponential is evaluated inside a single fused reduction.
     """
 
     def __init__(self, G: jax.Array):
         C, K = G.shape[-2:]
-        self.nc = nc = C // SUB
-        self.Gb = G.reshape(*G.shape[:-2], nc, SUB, K)
+        self.C, self.nc = C, C // SUB
+        self.G = G
+        self.Gb = G.reshape(*G.shape[:-2], self.nc, SUB, K)
         Gn = self.Gb[..., 0, :]
         self.qfac = jnp.exp(self.Gb - Gn[..., None, :])
-        earlier = (np.arange(C)[None, :] // SUB) < np.arange(nc)[:, None]  # [nc, C]
-        ex = Gn[..., :, None, :] - G[..., None, :, :]
-        self.kfac = jnp.exp(jnp.where(earlier[:, :, None], ex, -jnp.inf))  # [..., nc, C, K]
+        self.kfac = {p: jnp.exp(Gn[..., p, None, :] - G[..., : p * SUB, :]) for p in range(1, self.nc)}
 
-    def _dexp(self) -> jax.Array:  # [..., nc, 16, 16, K]: e^{G_i − G_j} for j ≤ i in a sub-chunk
-        d = self.Gb[..., :, None, :] - self.Gb[..., None, :, :]
-        return jnp.exp(jnp.where(_CAUSAL_SUB[:, :, None], d, -jnp.inf))
+    def _dexp(self, transposed: bool = False) -> jax.Array:
+        """[..., nc, 16, 16, K]: e^{G_i − G_j} for j ≤ i inside a sub-chunk, indexed [i, j] (or [j, i])."""
+        Gi, Gj = self.Gb[..., :, None, :], self.Gb[..., None, :, :]
+        if transposed:  # a different expression, so that each use keeps its own fused exp
+            return jnp.exp(jnp.where(_CAUSAL_SUB.T[:, :, None], Gj - Gi, -jnp.inf))
+        return jnp.exp(jnp.where(_CAUSAL_SUB[:, :, None], Gi - Gj, -jnp.inf))
 
     def _blocks(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-2], self.nc, SUB, x.shape[-1])
 
-    def lower(self, X: jax.Array, Y: jax.Array) -> jax.Array:
-        """Unmasked-by-zone lower-triangular (incl. diagonal) M ``[..., C, C]``."""
-        Xb, Yb = self._blocks(X), self._blocks(Y)
-        off = jnp.einsum("...pid,...pjd->...pij", Xb * self.qfac, Y[..., None, :, :] * self.kfac)
-        diag = jnp.sum(Xb[..., :, None, :] * Yb[..., None, :, :] * self._dexp(), axis=-1)
-        C = X.shape[-2]
-        return off.reshape(*off.shape[:-3], C, C) + _block_diag(diag)
+    def lower(self, Xs: jax.Array, Y: jax.Array) -> jax.Array:
+        """M_s = tril(Σ_d Xs_id Y_jd e^{G_id − G_jd}) for stacked Xs ``[S, ..., C, K]`` -> ``[S, ..., C, C]``."""
+        Xb = self._blocks(Xs)
+        diag = jnp.sum(Xb[..., :, None, :] * self._blocks(Y)[..., None, :, :] * self._dexp(), axis=-1)
+        rows = [jnp.zeros((*Xs.shape[:-2], SUB, self.C), Xs.dtype)]
+        for p, kf in self.kfac.items():
+            blk = jnp.einsum("s...id,...jd->s...ij", Xb[..., p, :, :] * self.qfac[..., p, :, :], Y[..., : p * SUB, :] * kf)
+            rows.append(jnp.pad(blk, [(0, 0)] * (blk.ndim - 1) + [(0, self.C - p * SUB)]))
+        return jnp.concatenate(rows, axis=-2) + _block_diag(diag)
 
-    def row_adjoint(self, dM: jax.Array, Y: jax.Array) -> jax.Array:
-        """Σ_j dM_ij Y_j e^{G_i − G_j} for a lower-triangular dM: the gradient w.r.t. X."""
-        C = dM.shape[-1]
-        dMb = dM.reshape(*dM.shape[:-2], self.nc, SUB, C)
-        off = self.qfac * jnp.einsum("...pij,...pjd->...pid", dMb, Y[..., None, :, :] * self.kfac)
-        diag = jnp.sum(_diag_blocks(dM)[..., None] * self._blocks(Y)[..., None, :, :] * self._dexp(), axis=-2)
-        return (off + diag).reshape(Y.shape)
+    def row_adjoint(self, dMs: jax.Array, Y: jax.Array) -> jax.Array:
+        """Σ_j dM_ij Y_j e^{G_i − G_j} for stacked lower-triangular dMs ``[S, ..., C, C]`` (gradient w.r.t. X)."""
+        out = jnp.sum(_diag_blocks(dMs)[..., None] * self._blocks(Y)[..., None, :, :] * self._dexp(), axis=-2)
+        blocks = [out[..., 0, :, :]]
+        for p, kf in self.kfac.items():
+            dM = dMs[..., p * SUB : (p + 1) * SUB, : p * SUB]
+            off = jnp.einsum("s...ij,...jd->s...id", dM, Y[..., : p * SUB, :] * kf)
+            blocks.append(out[..., p, :, :] + self.qfac[..., p, :, :] * off)
+        return jnp.concatenate(blocks, axis=-2)
 
-    def col_adjoint(self, dM: jax.Array, X: jax.Array) -> jax.Array:
-        """Σ_i dM_ij X_i e^{G_i − G_j} for a lower-triangular dM: the gradient w.r.t. Y."""
-        C = dM.shape[-1]
-        dMb = dM.reshape(*dM.shape[:-2], self.nc, SUB, C)
-        Xb = self._blocks(X)
-        off = jnp.sum(self.kfac * jnp.einsum("...pij,...pid->...pjd", dMb, Xb * self.qfac), axis=-3)
-        diag = jnp.sum(_diag_blocks(dM)[..., None] * Xb[..., :, None, :] * self._dexp(), axis=-3)
-        return off + diag.reshape(X.shape)
+    def col_adjoint(self, dMs: jax.Array, Xs: jax.Array) -> jax.Array:
+        """Σ_s Σ_i dM^s_ij Xs^s_i e^{G_i − G_j} for stacked lower-triangular dMs (gradient w.r.t. Y)."""
+        Xb = self._blocks(Xs)
+        dMd = jnp.swapaxes(_diag_blocks(dMs), -1, -2)  # [S, ..., nc, j, i]
+        out = jnp.sum(dMd[..., None] * Xb[..., None, :, :] * self._dexp(transposed=True), axis=(0, -2))
+        out = out.reshape(*out.shape[:-3], self.C, out.shape[-1])
+        for p, kf in self.kfac.items():
+            dM = dMs[..., p * SUB : (p + 1) * SUB, : p * SUB]
+            off = kf * jnp.einsum("s...ij,s...id->...jd", dM, Xb[..., p, :, :] * self.qfac[..., p, :, :])
+            out = out.at[..., : p * SUB, :].add(off)
+        return out
 
 
 def _unit_lower_inverse(L: jax.Array) -> jax.Array:
@@ -188,8 +199,9 @@ def _unit_lower_inverse(L: jax.Array) -> jax.Array:
 
 def _intra(qf, kf, beta, gating: _Gating, zones: _Zones, scale):
     """Aqk (lower incl. diagonal) and T = (I + L)⁻¹, both ``[..., C, C]``."""
-    Aqk = zones.pair(scale * gating.lower(qf, kf), strict=False)
-    L = zones.pair(beta[..., None] * gating.lower(kf, kf), strict=True)
+    P, R = gating.lower(jnp.stack([qf, kf]), kf)
+    Aqk = zones.pair(scale * P, strict=False)
+    L = zones.pair(beta[..., None] * R, strict=True)
     return Aqk, _unit_lower_inverse(L)
 
 
@@ -279,22 +291,16 @@ def _core_bwd(scale, res, cts):
     dG = dG + f["Kb"] * dKb
     dT = dW @ _mT(f["Kb"]) + dVn @ _mT(bf[..., None] * vf)
 
-    # through the inverse and L (steps 4-5); L_ij = β_i Σ_d K_id K_jd e^{G_id − G_jd}
+    # through the inverse, L and Aqk = s·P (steps 4-6); L_ij = β_i Σ_d K_id K_jd e^{G_id − G_jd}
     dL = zones.pair(-(_mT(T) @ dT @ _mT(T)), strict=True)
-    row = gating.row_adjoint(dL, kf)
-    dbeta = dbeta + jnp.sum(kf * row, -1)
-    dk = dk + bf[..., None] * row
-    dG = dG + bf[..., None] * kf * row
-    col = gating.col_adjoint(dL, bf[..., None] * kf)
-    dk = dk + col
-    dG = dG - kf * col
-
-    # through Aqk = s·P (step 6)
     dP = scale * zones.pair(dO @ _mT(Vn), strict=False)
-    row = gating.row_adjoint(dP, kf)
-    dq = dq + row
-    dG = dG + qf * row
-    col = gating.col_adjoint(dP, qf)
+    dMs = jnp.stack([dL, dP])
+    row_L, row_P = gating.row_adjoint(dMs, kf)
+    dbeta = dbeta + jnp.sum(kf * row_L, -1)
+    dk = dk + bf[..., None] * row_L
+    dq = dq + row_P
+    dG = dG + bf[..., None] * kf * row_L + qf * row_P
+    col = gating.col_adjoint(dMs, jnp.stack([bf[..., None] * kf, qf]))
     dk = dk + col
     dG = dG - kf * col
 
