@@ -72,8 +72,22 @@ def rel_rmse(a, b):
 # JAX implementations (ours and jla)
 
 
-def jax_impls():
+def _chunked_with_unroll(unroll):
+    from kda_jax.ops import chunked
+
+    def f(q, k, v, g, beta):  # SCAN_UNROLL is read while tracing, i.e. inside jit
+        saved, chunked.SCAN_UNROLL = chunked.SCAN_UNROLL, unroll
+        try:
+            return kda(q, k, v, g, beta, impl="chunked")[0]
+        finally:
+            chunked.SCAN_UNROLL = saved
+    return f
+
+
+def jax_impls(unroll_ablation=False):
     impls = {"kda_jax.chunked": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="chunked")[0]}
+    if unroll_ablation:
+        impls["kda_jax.chunked[unroll=1]"] = _chunked_with_unroll(1)
     try:
         from jla.ops import linear_attention
         import jla.ops.mosaic_gpu  # noqa: F401  (registers the kernels)
@@ -185,6 +199,8 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--shapes", default="short,mid,long")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--unroll-ablation", action="store_true", help="also time the chunked path without unrolling")
+    ap.add_argument("--no-memory", action="store_true", help="skip the compiled-memory rows")
     args = ap.parse_args()
 
     gpu = jax.devices()[0].device_kind
@@ -192,10 +208,11 @@ def main():
                                    f"kda_ops_{gpu.replace(' ', '_').replace('/', '_')}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True).strip()
-    except Exception:
-        sha = "unknown"
-    impls = jax_impls()
+        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                      stderr=subprocess.DEVNULL).strip()
+    except Exception:  # a copy without .git (e.g. a remote GPU machine): say which commit via the env
+        sha = os.environ.get("KDA_JAX_SHA", "unknown")
+    impls = jax_impls(args.unroll_ablation)
     torch, chunk_kda = fla_impl()
     rows, checks = [], []
     for shape in args.shapes.split(","):
@@ -224,7 +241,7 @@ def main():
         write(out, gpu, sha, rows, checks, [])  # after every shape, so a cut-off run keeps its results
         print(json.dumps([r for r in rows if r["shape"] == shape]), flush=True)
 
-    mem = memory_rows()
+    mem = [] if args.no_memory else memory_rows()
     write(out, gpu, sha, rows, checks, mem)
 
     print(f"\nGPU: {gpu}   (median ms of {args.iters} calls)")
