@@ -7,29 +7,20 @@ A development aid for kda_jax/ops/chunked.py; prints one line per stage (median 
 
 import argparse
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kda_ops import SHAPES, make_inputs  # noqa: E402
+from kda_ops import SHAPES, make_inputs, time_jax  # noqa: E402
 
 from kda_jax.ops import chunked as ck  # noqa: E402
 
 
 def t(fn, *a, iters=10):
-    f = jax.jit(fn)
-    jax.block_until_ready(f(*a))
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        jax.block_until_ready(f(*a))
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
+    return time_jax(jax.jit(fn), a, iters, warmup=1)[0]
 
 
 def main():
