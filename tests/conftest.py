@@ -3,7 +3,8 @@
 import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-os.environ.setdefault("JAX_PLATFORMS", "cpu") if not os.environ.get("KDA_TEST_GPU") else None
+if not os.environ.get("KDA_TEST_GPU"):  # KDA_TEST_GPU=1 runs the suite on the GPU machine
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402
 

@@ -132,7 +132,6 @@ class _Gating:
     def __init__(self, G: jax.Array):
         C, K = G.shape[-2:]
         self.C, self.nc = C, C // SUB
-        self.G = G
         self.Gb = G.reshape(*G.shape[:-2], self.nc, SUB, K)
         Gn = self.Gb[..., 0, :]
         self.qfac = jnp.exp(self.Gb - Gn[..., None, :])
