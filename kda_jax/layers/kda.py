@@ -1,0 +1,112 @@
+"""The KDA token mixer of Kimi Linear (kimi_linear_model §2.2), and its Gated DeltaNet twin.
+
+From the normalised input x: q, k, v projections, each through its own causal short conv and
+SiLU; per-head L2 norm of q and k and the 1/sqrt(K) query scale (inside ``kda_jax.ops``); the
+per-channel forget gate ``g = -exp(A_log[h]) * softplus(f_b(f_a(x)) + dt_bias)`` and
+``beta = sigmoid(b_proj(x))``, both activated in float32 inside the op; the low-rank output gate
+``g_b(g_a(x))`` and the per-head gated RMSNorm with one weight shared by all heads; o_proj.
+
+Ablation switches (paper Table 1): ``output_gate`` in {"sigmoid", "swish", "none"},
+``conv_size=0`` (no short conv: SiLU directly after the projections, as flash-linear-attention
+does), and ``gate="gdn"``: one decay per head and token from ``f_proj`` (hidden → H) with
+A_log ``[H]`` and dt_bias ``[H]`` — Gated DeltaNet through the same op code path.
+A_log, dt_bias, g and beta are float32 and never weight-decayed.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from kda_jax import ops
+from kda_jax.layers.common import Linear, param
+from kda_jax.layers.conv import ShortConv
+from kda_jax.layers.norms import GATE_ACTIVATIONS, GatedRMSNorm
+
+GATES = ("kda", "gdn")
+
+
+def a_log_init(key, shape, dtype):
+    """A_log = log U(1, 16) (the fla / Mamba initialisation)."""
+    return jnp.log(jax.random.uniform(key, shape, jnp.float32, 1.0, 16.0)).astype(dtype)
+
+
+def dt_bias_init(key, shape, dtype, dt_min=1e-3, dt_max=1e-1, dt_floor=1e-4):
+    """Inverse softplus of dt ~ logU(dt_min, dt_max) clamped at dt_floor (fla / Mamba)."""
+    u = jax.random.uniform(key, shape, jnp.float32)
+    dt = jnp.maximum(jnp.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)), dt_floor)
+    return (dt + jnp.log(-jnp.expm1(-dt))).astype(dtype)
+
+
+class KDAMixer(nnx.Module):
+    def __init__(self, hidden: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs, conv_size: int = 4,
+                 gate: str = "kda", output_gate: str = "sigmoid", gate_rank: int | None = None,
+                 norm_eps: float = 1e-5, chunk_size: int = 64, impl: str = "auto", dtype=jnp.float32,
+                 param_dtype=jnp.float32):
+        if gate not in GATES:
+            raise ValueError(f"KDAMixer gate must be one of {GATES}, got {gate!r}")
+        if output_gate not in GATE_ACTIVATIONS:
+            raise ValueError(f"KDAMixer output_gate must be one of {GATE_ACTIVATIONS}, got {output_gate!r}")
+        if conv_size < 0:
+            raise ValueError(f"conv_size must be >= 0 (0 disables the short conv), got {conv_size}")
+        self.hidden, self.num_heads, self.head_dim = hidden, num_heads, head_dim
+        self.gate, self.output_gate, self.conv_size = gate, output_gate, conv_size
+        self.chunk_size, self.impl, self.dtype = chunk_size, impl, dtype
+        rank = head_dim if gate_rank is None else gate_rank
+        width = num_heads * head_dim
+        kw = dict(rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.q_proj = Linear(hidden, width, ("embed", "heads"), **kw)
+        self.k_proj = Linear(hidden, width, ("embed", "heads"), **kw)
+        self.v_proj = Linear(hidden, width, ("embed", "heads"), **kw)
+        if conv_size:
+            self.q_conv1d = ShortConv(width, conv_size, **kw)
+            self.k_conv1d = ShortConv(width, conv_size, **kw)
+            self.v_conv1d = ShortConv(width, conv_size, **kw)
+        f32 = dict(rngs=rngs, dtype=jnp.float32, param_dtype=param_dtype)
+        if gate == "kda":
+            self.f_a_proj = Linear(hidden, rank, ("embed", "gate_rank"), **f32)
+            self.f_b_proj = Linear(rank, width, ("gate_rank", "heads"), **f32)
+            self.dt_bias = param(rngs, dt_bias_init, (width,), ("heads",), no_decay=True)
+        else:
+            self.f_proj = Linear(hidden, num_heads, ("embed", None), **f32)
+            self.dt_bias = param(rngs, dt_bias_init, (num_heads,), (None,), no_decay=True)
+        self.A_log = param(rngs, a_log_init, (num_heads,), (None,), no_decay=True)
+        self.b_proj = Linear(hidden, num_heads, ("embed", None), **f32)
+        if output_gate != "none":
+            self.g_a_proj = Linear(hidden, rank, ("embed", "gate_rank"), **kw)
+            self.g_b_proj = Linear(rank, width, ("gate_rank", "heads"), **kw)
+        self.o_norm = GatedRMSNorm(head_dim, activation=output_gate, eps=norm_eps, rngs=rngs,
+                                   param_dtype=param_dtype)
+        self.o_proj = Linear(width, hidden, ("heads", "embed"), **kw)
+
+    def _heads(self, x):
+        return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
+
+    def _branch(self, proj, conv_name, x, segment_ids):
+        y = proj(x)
+        if self.conv_size:
+            y, _ = getattr(self, conv_name)(y, segment_ids)
+        else:
+            y = jax.nn.silu(y)
+        return self._heads(y)
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x ``[B, T, hidden]`` (already normalised) → ``[B, T, hidden]``."""
+        if x.ndim != 3 or x.shape[-1] != self.hidden:
+            raise ValueError(f"KDAMixer expects x of shape [B, T, {self.hidden}], got {x.shape}")
+        q = self._branch(self.q_proj, "q_conv1d", x, segment_ids)
+        k = self._branch(self.k_proj, "k_conv1d", x, segment_ids)
+        v = self._branch(self.v_proj, "v_conv1d", x, segment_ids)
+        beta = self.b_proj(x)
+        common = dict(A_log=self.A_log[...], dt_bias=self.dt_bias[...], beta_is_logit=True, use_qk_l2norm=True,
+                      segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
+        if self.gate == "kda":
+            o, _ = ops.kda(q, k, v, self._heads(self.f_b_proj(self.f_a_proj(x))), beta, **common)
+        else:
+            o, _ = ops.gdn(q, k, v, self.f_proj(x), beta, **common)
+        gate = self._heads(self.g_b_proj(self.g_a_proj(x))) if self.output_gate != "none" else None
+        o = self.o_norm(o, gate)
+        return self.o_proj(o.reshape(*o.shape[:-2], -1))
