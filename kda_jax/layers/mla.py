@@ -68,7 +68,7 @@ def apply_rope(x, positions, theta):
 class MLAttention(nnx.Module):
     def __init__(self, hidden: int, num_heads: int, *, rngs: nnx.Rngs, kv_lora_rank: int = 512,
                  q_lora_rank: int | None = None, qk_nope_head_dim: int = 128, qk_rope_head_dim: int = 64,
-                 v_head_dim: int = 128, norm_eps: float = 1e-5, use_rope: bool = False, rope_theta: float = 10000.0,
+                 v_head_dim: int = 128, norm_eps: float = 1e-6, use_rope: bool = False, rope_theta: float = 10000.0,
                  impl: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32):
         if impl not in ATTENTION_IMPLS:
             raise ValueError(f"MLAttention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")

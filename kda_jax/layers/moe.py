@@ -22,11 +22,13 @@ Dispatch:
   O(N E F) work, the reference the sorted path is tested against.
 
 Expert parallelism: under a mesh (``jax.set_mesh``) whose ``expert`` axis has n > 1 devices, the
-sorted path runs in a ``shard_map`` that is manual over ``expert`` only. Each shard holds E/n
-experts' weights and sees every token; assignments to other shards' experts go to a trailing
-dummy group (outputs zeroed), so each shard's ragged_dot only fills its local groups, and a
-``psum`` over ``expert`` adds the partial outputs. Cost: no all-to-all, but every shard sorts and
-buffers all N*K assignments and the all-reduce moves an [N, D] float32 array per call.
+sorted path runs in a ``shard_map`` manual over every mesh axis. Each ``expert`` shard holds E/n
+experts' weights (and F/t of their width over ``tensor``, when t divides F) and sees the same
+tokens: its data-parallel slice of N, split over the remaining (batch) axes. Assignments to
+other shards' experts go to a trailing dummy group (outputs zeroed), so each ragged_dot fills only
+the local groups, and a ``psum`` over ``expert`` (and ``tensor``) adds the partial outputs. Cost:
+no all-to-all; every expert shard sorts and buffers all N_local*K assignments of its token slice
+(ragged_dot is given the full buffer), and one all-reduce of the [N_local, D] float32 output.
 
 Balancing: ``e_score_correction_bias`` is a ``RouterBias`` variable, not an ``nnx.Param``, so
 optimisers leave it alone; ``MoE.update_bias`` applies the DeepSeek-V3 sign update
@@ -35,6 +37,9 @@ optimisers leave it alone; ``MoE.update_bias`` applies the DeepSeek-V3 sign upda
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -110,19 +115,32 @@ def sorted_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_expe
     return jnp.einsum("nkd,nk->nd", out_MD.reshape(N, K, -1), w_NK)
 
 
-def expert_parallel(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, num_shards: int):
-    """``sorted_experts`` with the experts split over the mesh axis ``expert`` (see module doc)."""
-    E = w1_EDF.shape[0]
-    if E % num_shards:
-        raise ValueError(f"num_experts={E} is not divisible by the mesh 'expert' axis size {num_shards}")
+# Always traced (jit), so shard_map never runs eagerly; the mesh is a static argument.
+@functools.partial(jax.jit, static_argnames=("dtype", "mesh"))
+def expert_parallel(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, mesh):
+    """``sorted_experts`` under ``mesh``: experts split over ``expert`` (see the module doc).
+
+    Manual over every mesh axis: tokens split over the axes other than ``expert`` and ``tensor``
+    (the batch axes) when they divide N, the expert width F over ``tensor`` when it divides F.
+    """
+    (N, _), (E, _, F) = x_ND.shape, w1_EDF.shape
+    n_exp = mesh.shape["expert"]
+    if E % n_exp:
+        raise ValueError(f"num_experts={E} is not divisible by the mesh 'expert' axis size {n_exp}")
+    batch = tuple(a for a in mesh.axis_names if a not in ("expert", "tensor"))
+    batch = batch if batch and N % math.prod(mesh.shape[a] for a in batch) == 0 else None
+    tensor = "tensor" if "tensor" in mesh.axis_names and F % mesh.shape["tensor"] == 0 else None
+    reduce_axes = ("expert", tensor) if tensor else "expert"
 
     def shard(x_ND, idx_NK, w_NK, w1, w3, w2):
-        first = jax.lax.axis_index("expert") * (E // num_shards)
-        return jax.lax.psum(sorted_experts(x_ND, idx_NK, w_NK, w1, w3, w2, dtype, first), "expert")
+        first = jax.lax.axis_index("expert") * (E // n_exp)
+        return jax.lax.psum(sorted_experts(x_ND, idx_NK, w_NK, w1, w3, w2, dtype, first), reduce_axes)
 
-    rep, split = P(), P("expert")
-    return jax.shard_map(shard, in_specs=(rep, rep, rep, split, split, split), out_specs=rep,
-                         axis_names={"expert"})(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD)
+    # check_vma=False: in jax 0.11 a multi-operand sort (argsort) marks its index output as
+    # replicated over 'expert' although it varies, which makes the x-gradient wrong.
+    tok, up, down = P(batch), P("expert", None, tensor), P("expert", tensor, None)
+    return jax.shard_map(shard, mesh=mesh, in_specs=(tok, tok, tok, up, up, down), out_specs=tok,
+                         check_vma=False)(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD)
 
 
 def routing_stats(scores_BTE, idx_BTK, mask_BT, aux_coef: float) -> MoEStats:
@@ -143,11 +161,10 @@ def routing_stats(scores_BTE, idx_BTK, mask_BT, aux_coef: float) -> MoEStats:
     return MoEStats(load=load_E, aux_loss=aux, max_violation=E * jnp.max(load_E) - 1.0)
 
 
-def _expert_axis_size() -> int:
+def _expert_mesh():
+    """The context mesh if it has an ``expert`` axis of size > 1, else None."""
     mesh = jax.sharding.get_abstract_mesh()
-    if mesh.empty or "expert" not in mesh.axis_names:
-        return 1
-    return mesh.shape["expert"]
+    return None if mesh.empty or mesh.shape.get("expert", 1) == 1 else mesh
 
 
 class MoE(nnx.Module):
@@ -191,11 +208,11 @@ class MoE(nnx.Module):
             x_ND, self.gate.kernel[...], self.e_score_correction_bias[...], self.top_k,
             renormalize=self.renormalize, scale=self.routed_scaling_factor, bias_in_weights=self.router_bias_in_weights)
         experts = (self.w1[...], self.w3[...], self.w2[...])
-        shards = _expert_axis_size()
+        mesh = _expert_mesh()
         if self.dispatch == "dense":
             y_ND = dense_experts(x_ND, idx_NK, w_NK, *experts, self.dtype)
-        elif shards > 1:
-            y_ND = expert_parallel(x_ND, idx_NK, w_NK, *experts, self.dtype, shards)
+        elif mesh is not None:
+            y_ND = expert_parallel(x_ND, idx_NK, w_NK, *experts, self.dtype, mesh)
         else:
             y_ND = sorted_experts(x_ND, idx_NK, w_NK, *experts, self.dtype)
         y_BTD = y_ND.reshape(B, T, D)

@@ -48,6 +48,7 @@ class ModelConfig:
     qk_rope_head_dim: int = 64
     v_head_dim: int = 128
     mla_use_nope: bool = True
+    latent_norm_eps: float = 1e-6          # q_a/kv_a_layernorm: 1e-6 in HF (remote and transformers), 1e-5 in vLLM
     rope_theta: float = 10000.0
     # Feed-forward / MoE.
     intermediate_size: int = 9216

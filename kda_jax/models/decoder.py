@@ -53,7 +53,7 @@ class Block(nnx.Module):
             self.self_attn = MLAttention(
                 c.hidden_size, c.num_attention_heads, kv_lora_rank=c.kv_lora_rank, q_lora_rank=c.q_lora_rank,
                 qk_nope_head_dim=c.qk_nope_head_dim, qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim,
-                norm_eps=c.rms_norm_eps, use_rope=not c.mla_use_nope, rope_theta=c.rope_theta, impl=c.attn_impl, **kw)
+                norm_eps=c.latent_norm_eps, use_rope=not c.mla_use_nope, rope_theta=c.rope_theta, impl=c.attn_impl, **kw)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, rngs=rngs,
                                                 param_dtype=c.params_dtype)
         if self.is_moe:

@@ -34,7 +34,7 @@ def tiny() -> ModelConfig:
     return ModelConfig(
         vocab_size=256, hidden_size=64, num_hidden_layers=4, kda_layers=kda, full_attn_layers=full,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        kda_num_heads=2, kda_head_dim=32, kda_gate_rank=16,
+        kda_num_heads=2, kda_head_dim=32,
         num_attention_heads=2, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
         intermediate_size=128, num_experts=8, num_experts_per_token=2, num_shared_experts=1,
         moe_intermediate_size=32, dtype="float32")

@@ -1,0 +1,96 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kda_jax.models import HybridDecoder, document_positions, get_config, variant
+from tests.layers.test_kda_mixer import ref_rel
+
+
+def _model(name="tiny", seed=0, **overrides):
+    return HybridDecoder(get_config(name, **overrides), rngs=nnx.Rngs(seed))
+
+
+@jax.jit
+def _logits(model, tokens, segment_ids=None):
+    return model(tokens, segment_ids=segment_ids).logits
+
+
+def _tokens(B, T, seed=0):
+    return jnp.asarray(np.random.default_rng(seed).integers(0, 256, (B, T)), jnp.int32)
+
+
+def test_tiny_model_structure_follows_the_config():
+    m = _model()
+    kinds = [(type(b.self_attn).__name__, hasattr(b, "block_sparse_moe")) for b in m.layers]
+    assert kinds == [("KDAMixer", False), ("KDAMixer", True), ("KDAMixer", True), ("MLAttention", True)]
+    out = jax.jit(lambda mm, t: mm(t))(m, _tokens(2, 21))
+    assert out.logits.shape == (2, 21, 256) and out.logits.dtype == jnp.float32
+    assert len(out.router_stats) == 3 and np.isfinite(np.asarray(out.logits)).all()
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny_mla_only", "tiny_gdn_hybrid"])
+def test_packed_documents_do_not_see_each_other(name):
+    m = _model(name, seed=1)
+    tok = _tokens(1, 45, seed=1)
+    seg = jnp.asarray(np.repeat([[0, 1, 2]], [17, 20, 8], axis=1))
+    packed = _logits(m, tok, seg)
+    for lo, hi in ((0, 17), (17, 37), (37, 45)):
+        alone = _logits(m, tok[:, lo:hi])
+        assert ref_rel(packed[:, lo:hi], alone) < 1e-5, (lo, hi)
+
+
+def test_causality_of_the_whole_model():
+    m = _model(seed=2)
+    a, b = _tokens(1, 30, seed=2), _tokens(1, 30, seed=3)
+    mixed = a.at[:, 20:].set(b[:, 20:])
+    la, lm = _logits(m, a), _logits(m, mixed)
+    np.testing.assert_allclose(la[:, :20], lm[:, :20], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(la[:, 20:], lm[:, 20:])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_gradients_are_finite_and_reach_all_parameters(dtype):
+    m = _model(dtype=dtype, seed=3)
+    tok = _tokens(2, 24, seed=4)
+
+    def loss(model):
+        logits = model(tok).logits
+        return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), tok[..., None], -1))
+
+    grads = jax.jit(nnx.grad(loss))(m)
+    for path, g in nnx.to_flat_state(grads):
+        g = np.asarray(g.get_value(), np.float32)
+        assert np.isfinite(g).all(), path
+        assert np.abs(g).max() > 0, f"no gradient reaches {path}"
+
+
+def test_remat_policies_do_not_change_values_or_gradients():
+    tok = _tokens(1, 20, seed=5)
+    grads = {}
+    for remat in ("none", "full", "dots"):
+        m = _model(remat=remat, seed=4)
+        grads[remat] = jax.tree.leaves(jax.jit(nnx.grad(lambda mm: jnp.sum(mm(tok).logits ** 2) * 1e-3))(m))
+    for remat in ("full", "dots"):
+        for a, b in zip(grads[remat], grads["none"]):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_twins_share_everything_but_the_mixers():
+    flat = lambda m: {p: v.get_value().shape for p, v in nnx.to_flat_state(nnx.state(m))}
+    base, mla, gdn = (flat(nnx.eval_shape(lambda n=n: _model(n))) for n in ("tiny", "tiny_mla_only", "tiny_gdn_hybrid"))
+    non_mixer = lambda f: {p: s for p, s in f.items() if "self_attn" not in p}
+    assert non_mixer(base) == non_mixer(mla) == non_mixer(gdn)
+    assert {p for p in base if "self_attn" in p and "f_a_proj" in p}
+    assert not {p for p in gdn if "f_a_proj" in p} and not {p for p in mla if "q_conv1d" in p}
+
+
+def test_document_positions_and_input_errors():
+    seg = jnp.asarray([[3, 3, 3, 5, 5, 1]])
+    np.testing.assert_array_equal(document_positions(seg), [[0, 1, 2, 0, 1, 0]])
+    m = _model()
+    with pytest.raises(ValueError, match="integer array"):
+        m(jnp.zeros((2, 5)))
+    with pytest.raises(ValueError, match="segment_ids must have shape"):
+        m(_tokens(2, 5), segment_ids=jnp.zeros((2, 4), jnp.int32))
