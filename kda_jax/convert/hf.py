@@ -47,7 +47,7 @@ from safetensors.numpy import save_file
 
 from kda_jax.models.config import ModelConfig, load_json
 from kda_jax.models.decoder import HybridDecoder
-from kda_jax.models.sharding import state_shardings
+from kda_jax.models.sharding import abstract_module, state_shardings
 
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "kda_impl", "attn_impl", "chunk_size", "moe_dispatch",
                    "router_bias_in_weights", "seq_aux_loss_coef")
@@ -301,7 +301,7 @@ def load_hf_checkpoint(directory, *, mesh=None, rules=None, **overrides) -> Hybr
     directory = pathlib.Path(directory)
     config = config_from_hf(directory, **overrides)
     reader = _Reader(directory)
-    abstract = nnx.eval_shape(lambda: HybridDecoder(config, rngs=nnx.Rngs(0)))
+    abstract = abstract_module(lambda: HybridDecoder(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     shardings = state_shardings(state, mesh, rules) if mesh is not None else None
     flat_shardings = dict(nnx.to_flat_state(shardings)) if shardings is not None else {}

@@ -18,8 +18,9 @@ def count_params(config: ModelConfig, *, exclude_embeddings: bool = False) -> tu
     the output head from both numbers (the convention of the paper's scaling table).
     """
     from kda_jax.models.decoder import HybridDecoder
+    from kda_jax.models.sharding import abstract_module
 
-    model = nnx.eval_shape(lambda: HybridDecoder(config, rngs=nnx.Rngs(0)))
+    model = abstract_module(lambda: HybridDecoder(config, rngs=nnx.Rngs(0)))
     total = inactive = 0
     for path, var in nnx.to_flat_state(nnx.state(model)):
         n = math.prod(var.get_value().shape)

@@ -80,21 +80,24 @@ def state_shardings(abstract_state, mesh, rules=None):
     return jax.tree.map(one, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+def abstract_module(make_module: Callable[[], nnx.Module], rules=None) -> nnx.Module:
+    """``nnx.eval_shape(make_module)``, also valid inside ``jax.set_mesh`` (logical names resolved)."""
+    rules = LOGICAL_RULES if rules is None else rules
+    with nnx.logical_axis_rules(list(rules.items())):
+        return nnx.eval_shape(make_module)
+
+
 def create_sharded(make_module: Callable[[], nnx.Module], mesh, rules=None) -> nnx.Module:
     """Build ``make_module()`` directly onto ``mesh``: each parameter is created on its shards.
 
-    ``make_module`` must be pure (take its randomness from a seeded ``nnx.Rngs`` built inside).
+    ``make_module`` must be pure (take its randomness from a seeded ``nnx.Rngs`` built inside),
+    so the sharded parameters equal those of an unsharded ``make_module()``.
     """
-    abstract = nnx.eval_shape(make_module)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = jax.tree.map(lambda v: v, state_shardings(abstract_state, mesh, rules))
-    out_shardings = jax.tree.map(lambda v, s: s, nnx.to_pure_dict(abstract_state), nnx.to_pure_dict(shardings))
+    graphdef, abstract_state = nnx.split(abstract_module(make_module, rules))
+    shardings = state_shardings(abstract_state, mesh, rules)
 
-    @jax.jit
     def init():
-        return nnx.to_pure_dict(nnx.state(make_module()))
+        return nnx.state(make_module())
 
-    init = jax.jit(init.__wrapped__ if hasattr(init, "__wrapped__") else init, out_shardings=out_shardings)
-    pure = init()
-    nnx.replace_by_pure_dict(abstract_state, pure)
-    return nnx.merge(graphdef, abstract_state)
+    state = jax.jit(init, out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
