@@ -74,7 +74,7 @@ def config_from_hf(hf, **overrides) -> ModelConfig:
         kda, full = tuple(lac.get("kda_layers", ())), tuple(lac.get("full_attn_layers", ()))
     else:
         raise ValueError("config has neither layer_types nor linear_attn_config.kda_layers/full_attn_layers")
-    first_dense = int(hf.get("first_k_dense_replace", 0))
+    first_dense = int(hf.get("first_k_dense_replace", 1))
     freq = int(hf.get("moe_layer_freq", 1))
     if "mlp_layer_types" in hf:
         kinds = hf["mlp_layer_types"]
@@ -84,27 +84,43 @@ def config_from_hf(hf, **overrides) -> ModelConfig:
             raise ValueError(f"mlp_layer_types must be dense layers then sparse layers, got {kinds}")
     if hf.get("moe_router_activation_func", "sigmoid") != "sigmoid":
         raise ValueError("only the sigmoid MoE router of Kimi Linear is supported")
-    if hf.get("num_expert_group", 1) != 1 or hf.get("topk_group", 1) != 1:
+    if (hf.get("num_expert_group") or hf.get("n_group") or 1) != 1 or (hf.get("topk_group") or 1) != 1:
         raise ValueError("group-limited routing (num_expert_group/topk_group > 1) is not supported")
     if not hf.get("mla_use_nope", True):
         raise ValueError("mla_use_nope=false: no released Kimi-Linear checkpoint rotates its MLA keys")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"hidden_act={hf['hidden_act']!r}: Kimi Linear uses silu")
+    release = ModelConfig()  # absent keys take the release's values, as transformers' defaults do
+
+    def get(*keys, field):
+        for key in keys:  # the released name first, then transformers' aliases
+            if hf.get(key) is not None:
+                return hf[key]
+        return getattr(release, field)
+
     fields = dict(
-        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_hidden_layers=n,
-        rms_norm_eps=hf.get("rms_norm_eps", 1e-5), tie_word_embeddings=False,
-        initializer_range=hf.get("initializer_range", 0.02), pad_token_id=hf.get("pad_token_id"),
-        bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
+        vocab_size=get("vocab_size", field="vocab_size"), hidden_size=get("hidden_size", field="hidden_size"),
+        num_hidden_layers=n, rms_norm_eps=get("rms_norm_eps", field="rms_norm_eps"), tie_word_embeddings=False,
+        initializer_range=get("initializer_range", field="initializer_range"),
+        pad_token_id=hf.get("pad_token_id"), bos_token_id=hf.get("bos_token_id"), eos_token_id=hf.get("eos_token_id"),
         kda_layers=kda, full_attn_layers=full,
-        kda_num_heads=lac.get("num_heads", hf.get("linear_num_heads", 32)),
-        kda_head_dim=lac.get("head_dim", hf.get("linear_head_dim", 128)),
-        short_conv_kernel_size=lac.get("short_conv_kernel_size", hf.get("linear_conv_kernel_dim", 4)),
-        num_attention_heads=hf["num_attention_heads"], q_lora_rank=hf.get("q_lora_rank"),
-        kv_lora_rank=hf["kv_lora_rank"], qk_nope_head_dim=hf["qk_nope_head_dim"],
-        qk_rope_head_dim=hf["qk_rope_head_dim"], v_head_dim=hf["v_head_dim"], mla_use_nope=True,
-        intermediate_size=hf["intermediate_size"], num_experts=hf.get("num_experts", 0) or 0,
-        num_experts_per_token=hf.get("num_experts_per_token", 1), num_shared_experts=hf.get("num_shared_experts", 0),
-        moe_intermediate_size=hf.get("moe_intermediate_size", 1), first_k_dense_replace=first_dense,
-        moe_layer_freq=freq, routed_scaling_factor=hf.get("routed_scaling_factor", 1.0),
-        moe_renormalize=hf.get("moe_renormalize", True))
+        kda_num_heads=lac.get("num_heads", get("linear_num_heads", field="kda_num_heads")),
+        kda_head_dim=lac.get("head_dim", get("linear_head_dim", field="kda_head_dim")),
+        short_conv_kernel_size=lac.get("short_conv_kernel_size",
+                                       get("linear_conv_kernel_dim", field="short_conv_kernel_size")),
+        num_attention_heads=get("num_attention_heads", field="num_attention_heads"), q_lora_rank=hf.get("q_lora_rank"),
+        kv_lora_rank=get("kv_lora_rank", field="kv_lora_rank"),
+        qk_nope_head_dim=get("qk_nope_head_dim", field="qk_nope_head_dim"),
+        qk_rope_head_dim=get("qk_rope_head_dim", field="qk_rope_head_dim"),
+        v_head_dim=get("v_head_dim", field="v_head_dim"), mla_use_nope=True,
+        intermediate_size=get("intermediate_size", field="intermediate_size"),
+        num_experts=get("num_experts", "num_local_experts", field="num_experts"),
+        num_experts_per_token=get("num_experts_per_token", "num_experts_per_tok", field="num_experts_per_token"),
+        num_shared_experts=get("num_shared_experts", "n_shared_experts", field="num_shared_experts"),
+        moe_intermediate_size=get("moe_intermediate_size", field="moe_intermediate_size"),
+        first_k_dense_replace=first_dense, moe_layer_freq=freq,
+        routed_scaling_factor=get("routed_scaling_factor", field="routed_scaling_factor"),
+        moe_renormalize=get("moe_renormalize", "norm_topk_prob", field="moe_renormalize"))
     unknown = set(overrides) - set(_RUNTIME_FIELDS) - {"latent_norm_eps"}
     if unknown:
         raise ValueError(f"only runtime fields can be overridden on import, not {sorted(unknown)}")
