@@ -8,7 +8,7 @@ PYTHON312 := $(shell for c in "python3.12" "env PYENV_VERSION=3.12.1 python3.12"
 	if $$c -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then echo "$$c"; break; fi; done)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all test-gpu bench clean
+.PHONY: install test test-all test-gpu bench clean train
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z '$(PYTHON312)' ]; then echo "Python 3.12 not found (tried python3.12 and PYENV_VERSION=3.12.1 python3.12)"; exit 1; fi
@@ -30,6 +30,13 @@ test-gpu:  ## on a CUDA machine: the GPU-marked tests
 
 bench:  ## on a CUDA machine: op benchmarks, JSON to benchmarks/results/
 	python3 benchmarks/kda_ops.py
+
+RUN ?= shakespeare_small
+WORKDIR ?= runs/$(RUN)
+TRAIN_ARGS ?=
+
+train: data  ## the default run (configs/experiments/$(RUN).gin) into $(WORKDIR); resumes if it exists
+	$(PY) -m kda_jax.train --gin_file=configs/experiments/$(RUN).gin --workdir=$(WORKDIR) $(TRAIN_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
