@@ -6,7 +6,7 @@ row: throughput does not depend on token values), and report step time, tokens/s
 device, model FLOPs per token (``kda_jax.train.flops``) and MFU against the card's dense bf16 peak,
 plus the peak device memory. The first ``--warmup`` steps (compilation) are excluded.
 
-    PYTHONPATH=. python benchmarks/train_throughput.py --preset scaling_653m --seq 4096 --batch 4 \\
+    python benchmarks/train_throughput.py      # kda-jax installed (pip install -e .) --preset scaling_653m --seq 4096 --batch 4 \\
         --devices 1 --out benchmarks/results/train_653m_<gpu>.json
 
 Writes JSON incrementally (one record per variant × device count) and prints a table.
@@ -28,7 +28,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kda_jax.models import count_params, get_config, variant  # noqa: E402
 from kda_jax.train.config import MeshConfig, OptimConfig, TrainConfig  # noqa: E402
 from kda_jax.train.flops import flops_per_token, peak_flops_per_second  # noqa: E402
