@@ -9,7 +9,9 @@ rotate-half RoPE at the given positions for the paper's RoPE ablation.
 
 Attention is causal and, with segment ids, block-diagonal over packed documents. On GPU with
 bf16/fp16 inputs it runs cuDNN flash attention (V zero-padded to the q/k head dim and the output
-sliced back); elsewhere the XLA softmax with float32 logits. Both compute the same function.
+sliced back) — on a single device: under a multi-device mesh "auto" uses XLA, because jit's
+partitioning of the cuDNN call failed there (measured on 2 H100s); elsewhere the XLA softmax with
+float32 logits. Both compute the same function.
 """
 
 from __future__ import annotations
@@ -25,9 +27,13 @@ ATTENTION_IMPLS = ("auto", "xla", "cudnn")
 
 
 def _use_cudnn(impl, q):
+    """cuDNN for "auto" only where it was checked: one GPU (under a multi-device mesh, jit's
+    partitioning of the cuDNN call failed on 2 H100s, so "auto" takes the XLA path there)."""
     if impl == "cudnn":
         return True
-    return (impl == "auto" and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
+    mesh = jax.sharding.get_abstract_mesh()
+    single = mesh.empty or mesh.size == 1
+    return (impl == "auto" and single and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)
             and q.shape[-1] % 8 == 0 and q.shape[-1] <= 256)
 
 

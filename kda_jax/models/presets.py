@@ -41,14 +41,14 @@ def tiny() -> ModelConfig:
 
 
 def small() -> ModelConfig:
-    """~27M parameters (~8M activated), byte-level vocabulary: trains on a laptop CPU in minutes."""
+    """~17M parameters (~7M activated), byte-level vocabulary: trains on a laptop CPU in minutes."""
     kda, full = hybrid_layout(8, 3)
     return ModelConfig(
         vocab_size=256, hidden_size=256, num_hidden_layers=8, kda_layers=kda, full_attn_layers=full,
         pad_token_id=0, bos_token_id=1, eos_token_id=2,
         kda_num_heads=4, kda_head_dim=64,
         num_attention_heads=4, kv_lora_rank=128, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        intermediate_size=1024, num_experts=16, num_experts_per_token=2, num_shared_experts=1,
+        intermediate_size=1024, num_experts=8, num_experts_per_token=2, num_shared_experts=1,
         moe_intermediate_size=256, dtype="float32")
 
 
