@@ -69,6 +69,7 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import sys
 from typing import Any, Callable
 
@@ -96,7 +97,10 @@ class Checkpointer:
             raise ValueError(f"keep must be >= 1, got {keep}")
         if every < 1:
             raise ValueError(f"every must be >= 1, got {every}")
-        self.directory = epath.Path(directory)
+        directory = epath.Path(directory)
+        if not str(directory).startswith(("gs://", "s3://")):  # orbax needs absolute local paths
+            directory = epath.Path(os.path.abspath(directory))
+        self.directory = directory
         self.keep, self.every, self.async_save = keep, every, async_save
         self.report: list[str] = []  # what the last restore_or_init did, one line per event
         self._saved: set[int] = set()  # steps this instance wrote

@@ -28,7 +28,7 @@ class NonFiniteLossError(RuntimeError):
 def train(run: RunConfig, workdir, *, progress: bool = True) -> dict:
     """Run (or resume) the training job of ``run`` in ``workdir``; returns the final summary."""
     maybe_initialize_distributed()
-    workdir = pathlib.Path(workdir)
+    workdir = pathlib.Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         (workdir / "config.gin").write_text(run.operative)

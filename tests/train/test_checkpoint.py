@@ -307,3 +307,17 @@ def test_saving_an_existing_step(tmp_path, mesh):
     assert_bit_identical(got, new)
     assert sorted(p.name.split("-")[0] for p in (tmp_path / "superseded").iterdir() if p.is_dir()) == ["10", "20"]
 
+
+
+def test_relative_directory_is_made_absolute(tmp_path, monkeypatch):
+    """orbax refuses relative paths; a workdir given as runs/x must still work."""
+    monkeypatch.chdir(tmp_path)
+    state = {"w": jnp.arange(4, dtype=jnp.float32)}
+    with Checkpointer("runs/rel/checkpoints", keep=2, every=1, async_save=False) as ckpt:
+        assert ckpt.save(1, state)
+        ckpt.wait()
+    with Checkpointer("runs/rel/checkpoints", keep=2, every=1) as ckpt:
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        restored, step, ok = ckpt.restore_or_init(abstract, lambda: None)
+    assert ok and step == 1
+    np.testing.assert_array_equal(restored["w"], state["w"])
