@@ -139,6 +139,10 @@ def parse(gin_files=(), gin_params=()) -> RunConfig:
     gin.add_config_file_search_path(str(CONFIG_DIR.parent))
     try:
         gin.parse_config_files_and_bindings(list(gin_files), list(gin_params))
+        return RunConfig.from_gin()
     except (ValueError, KeyError) as e:
         raise ValueError(f"bad gin configuration: {e}") from e
-    return RunConfig.from_gin()
+    finally:
+        # The RunConfig carries everything; leftover global bindings would silently change the
+        # defaults of any later MeshConfig() / TrainConfig() built in the same process.
+        gin.clear_config()

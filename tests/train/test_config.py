@@ -42,3 +42,11 @@ def test_unknown_binding_and_preset_are_named():
         parse(["nope.gin"])
     with pytest.raises(ValueError, match="OptimConfig.name"):
         parse([CONFIG_DIR / "base.gin"], ["OptimConfig.name = 'sgd'"])
+
+
+def test_parse_leaves_no_global_bindings_behind():
+    from kda_jax.train.config import MeshConfig
+
+    run = parse([CONFIG_DIR / "base.gin"], ["MeshConfig.data = 2", "MeshConfig.fsdp = 4"])
+    assert run.mesh == MeshConfig(data=2, fsdp=4)
+    assert MeshConfig() == MeshConfig(data=1, fsdp=-1, tensor=1, expert=1)
