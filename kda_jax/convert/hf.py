@@ -35,7 +35,6 @@ Where the implementations differ (kimi_linear_model §9) and what we do:
 from __future__ import annotations
 
 import json
-import math
 import pathlib
 from typing import Callable
 

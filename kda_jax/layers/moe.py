@@ -145,7 +145,7 @@ def expert_parallel(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, mesh):
 
 def routing_stats(scores_BTE, idx_BTK, mask_BT, aux_coef: float) -> MoEStats:
     """Load per expert and the DeepSeek-V3 sequence-level balance loss over valid tokens."""
-    (B, T, K), E = idx_BTK.shape, scores_BTE.shape[-1]
+    K, E = idx_BTK.shape[-1], scores_BTE.shape[-1]
     mask_BT = mask_BT.astype(jnp.float32)
     chosen_BTE = jnp.sum(jax.nn.one_hot(idx_BTK, E, dtype=jnp.float32), axis=2) * mask_BT[..., None]
     load_E = jnp.sum(chosen_BTE, axis=(0, 1)) / (K * jnp.maximum(jnp.sum(mask_BT), 1.0))

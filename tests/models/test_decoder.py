@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kda_jax.models import HybridDecoder, document_positions, get_config, variant
+from kda_jax.models import HybridDecoder, document_positions, get_config
 from tests.layers.test_kda_mixer import ref_rel
 
 

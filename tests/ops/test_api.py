@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from kda_jax.ops import gdn, kda, kda_reference, registry
-from tests.ops.helpers import GRAD_NAMES, assert_close, make_inputs
+from tests.ops.helpers import assert_close, make_inputs
 
 B, T, H, HV, K, V = 1, 70, 2, 4, 32, 16
 

@@ -7,7 +7,7 @@ import pytest
 
 from kda_jax.ops import kda, kda_chunked, kda_reference
 from kda_jax.ops.inputs import resets_from_segment_ids
-from tests.ops.helpers import GRAD_NAMES, assert_close, check_against_oracle, make_inputs, oracle, value_and_grads
+from tests.ops.helpers import GRAD_NAMES, check_against_oracle, make_inputs, oracle, value_and_grads
 
 
 def _chunked(C, resets=None, scale=None):

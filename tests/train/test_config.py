@@ -1,6 +1,5 @@
 """Every gin file parses and builds; bad bindings and presets fail with messages naming them."""
 
-import pathlib
 
 import pytest
 from flax import nnx

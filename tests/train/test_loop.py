@@ -9,7 +9,6 @@ import sys
 import time
 
 import numpy as np
-import pytest
 
 from kda_jax.train.config import CONFIG_DIR, parse
 from kda_jax.train.loop import train
