@@ -16,8 +16,9 @@ whose matmuls run in ``dtype`` with float32 accumulation; the weighted sum is fl
 Dispatch:
 
 - ``"sorted"`` (default, dropless): the N*K (token, expert) assignments are sorted by expert,
-  the tokens gathered into that order, the three expert matmuls run as ``lax.ragged_dot`` over
-  the expert groups, and the results un-sorted and summed over k with the routing weights.
+  the tokens gathered into that order (each expert's group padded to a block multiple), the
+  three expert matmuls run as ``grouped_matmul`` (``lax.ragged_dot`` forward, a block-wise weight
+  gradient: ``grouped.py``), and the results un-sorted and summed over k with the routing weights.
 - ``"dense"``: every expert on every token, weighted by the sparse [N, E] routing matrix —
   O(N E F) work, the reference the sorted path is tested against.
 
@@ -25,10 +26,10 @@ Expert parallelism: under a mesh (``jax.set_mesh``) whose ``expert`` axis has n 
 sorted path runs in a ``shard_map`` manual over every mesh axis. Each ``expert`` shard holds E/n
 experts' weights (and F/t of their width over ``tensor``, when t divides F) and sees the same
 tokens: its data-parallel slice of N, split over the remaining (batch) axes. Assignments to
-other shards' experts go to a trailing dummy group (outputs zeroed), so each ragged_dot fills only
+other shards' experts are dropped from the buffer (outputs zeroed), so each matmul fills only
 the local groups, and a ``psum`` over ``expert`` (and ``tensor``) adds the partial outputs. Cost:
 no all-to-all; every expert shard sorts and buffers all N_local*K assignments of its token slice
-(ragged_dot is given the full buffer), and one all-reduce of the [N_local, D] float32 output.
+(the buffer is sized for all of them), and one all-reduce of the [N_local, D] float32 output.
 
 Balancing: ``e_score_correction_bias`` is a ``RouterBias`` variable, not an ``nnx.Param``, so
 optimisers leave it alone; ``MoE.update_bias`` applies the DeepSeek-V3 sign update
@@ -47,6 +48,7 @@ from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
 from kda_jax.layers.common import Linear, default_kernel_init, param
+from kda_jax.layers.grouped import aligned_layout, grouped_matmul
 from kda_jax.layers.mlp import SwiGLU
 
 DISPATCHES = ("sorted", "dense")
@@ -95,23 +97,33 @@ def dense_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype):
     return jnp.einsum("ned,ne->nd", out_NED, combine_NE)
 
 
-def sorted_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_expert=0):
-    """Dropless sort + ragged_dot dispatch over the experts ``first_expert .. first_expert + E``.
+def _block_rows(M: int, E: int) -> int:
+    """Rows per expert block of the aligned buffer: the largest power of two in [8, 128] whose
+    worst-case padding, E * (block - 1) rows, stays within an eighth of the M assignments."""
+    block = 128
+    while block > 8 and E * (block - 1) > M // 8:
+        block //= 2
+    return block
 
-    Assignments to experts outside that range go to a trailing dummy group and contribute zero.
+
+def sorted_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_expert=0):
+    """Dropless sort + grouped-matmul dispatch over the experts ``first_expert .. first_expert + E``.
+
+    The assignments are laid out expert by expert in a block-aligned buffer (``grouped.py``) so the
+    weight gradients stay ``[E, D, F]``-sized; assignments to experts outside the range are
+    dropped and contribute zero.
     """
     (N, K), E = idx_NK.shape, w1_EDF.shape[0]
     local_M = idx_NK.reshape(-1) - first_expert  # M = N * K assignments, token-major
-    is_local_M = (local_M >= 0) & (local_M < E)
-    group_M = jnp.where(is_local_M, local_M, E).astype(jnp.int32)
-    order_M = jnp.argsort(group_M, stable=True)
-    sizes_E = jnp.bincount(group_M, length=E + 1)[:E].astype(jnp.int32)
-    xs_MD = x_ND.astype(dtype)[order_M // K]
-    mm = dict(group_sizes=sizes_E, preferred_element_type=jnp.float32)
-    h1_MF = jax.lax.ragged_dot(xs_MD, w1_EDF.astype(dtype), **mm)
-    h3_MF = jax.lax.ragged_dot(xs_MD, w3_EDF.astype(dtype), **mm)
-    out_MD = jax.lax.ragged_dot(_glu(h1_MF, h3_MF, dtype), w2_EFD.astype(dtype), **mm)
-    out_MD = jnp.where(is_local_M[:, None], out_MD[jnp.argsort(order_M)], 0.0)  # un-sort
+    group_M = jnp.where((local_M >= 0) & (local_M < E), local_M, E).astype(jnp.int32)
+    layout = aligned_layout(group_M, E, _block_rows(N * K, E))
+    x_ND = jnp.concatenate([x_ND.astype(dtype), jnp.zeros((1, x_ND.shape[1]), dtype)])  # row N: padding
+    xs_LD = x_ND[jnp.minimum(layout.src_L // K, N)]
+    mm = dict(sizes_E=layout.sizes_E, block_expert=layout.block_expert)
+    h1_LF = grouped_matmul(xs_LD, w1_EDF.astype(dtype), **mm)
+    h3_LF = grouped_matmul(xs_LD, w3_EDF.astype(dtype), **mm)
+    out_LD = grouped_matmul(_glu(h1_LF, h3_LF, dtype), w2_EFD.astype(dtype), **mm)
+    out_MD = jnp.take(out_LD, layout.dest_M, axis=0, mode="fill", fill_value=0.0)  # un-sort; dropped -> 0
     return jnp.einsum("nkd,nk->nd", out_MD.reshape(N, K, -1), w_NK)
 
 
