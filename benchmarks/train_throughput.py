@@ -90,6 +90,8 @@ def main():
     ap.add_argument("--devices", default="1", help="comma-separated device counts, e.g. 1,2")
     ap.add_argument("--optimizer", default="muon")
     ap.add_argument("--remat", default="full")
+    ap.add_argument("--param_dtype", default="float32",
+                    help="master-parameter dtype (bfloat16 halves parameter, gradient and optimiser memory)")
     ap.add_argument("--moe_dispatch", default="sorted", help="sorted (ragged_dot) | dense (every expert)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -97,7 +99,8 @@ def main():
     out = args.out or f"benchmarks/results/train_{args.preset}_{gpu.replace(' ', '_')}.json"
     sha = os.environ.get("KDA_JAX_SHA") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                                           text=True).stdout.strip()
-    base = get_config(args.preset, dtype="bfloat16", remat=args.remat, moe_dispatch=args.moe_dispatch)
+    base = get_config(args.preset, dtype="bfloat16", param_dtype=args.param_dtype, remat=args.remat,
+                      moe_dispatch=args.moe_dispatch)
     result = {"device": gpu, "device_count": jax.device_count(), "commit": sha, "jax": jax.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "preset": args.preset,
               "args": vars(args), "runs": []}
@@ -117,7 +120,7 @@ def main():
             with open(out, "w") as f:
                 json.dump(result, f, indent=2)
     print(f"\n{gpu}, {args.preset}, seq {args.seq}, {args.batch} rows/device, remat {args.remat}, "
-          f"MoE dispatch {args.moe_dispatch}")
+          f"{args.param_dtype} parameters, MoE dispatch {args.moe_dispatch}")
     print(f"{'variant':10} {'dev':>3} {'step s':>8} {'tok/s':>10} {'tok/s/dev':>10} {'MFU':>6} {'mem GiB':>8}")
     for r in result["runs"]:
         if "error" in r:
