@@ -219,16 +219,41 @@ def _wy(kf, vf, beta, G, T, zones: _Zones):
     return dict(Gamma=Gamma, E=E, gend=gend, Kb=Kb, W=W, U=U, Kd=kf * E)
 
 
-def _state_scan(W, U, Kd, gend, h0):
-    """Sequential pass over chunks: states at chunk starts h, pseudo-values Vn, final state."""
+class ScanPasses:
+    """The two serial passes over the chunks as ``lax.scan`` (XLA); ``kda_jax.kernels`` gives GPU
+    kernels with the same interface. Chunk-major arrays ``[N, B, HV, C, D]``."""
 
-    def step(S, xs):
-        W_n, U_n, Kd_n, g_n = xs
-        Vn = U_n - W_n @ S
-        return g_n[..., :, None] * S + _mT(Kd_n) @ Vn, (S, Vn)
+    def forward(self, W, U, Kd, gend, h0):
+        """States at chunk starts h, pseudo-values Vn = U − W·h, and the final state."""
 
-    S_T, (h, Vn) = jax.lax.scan(step, h0, (W, U, Kd, gend), unroll=min(SCAN_UNROLL, W.shape[0]))
-    return h, Vn, S_T
+        def step(S, xs):
+            W_n, U_n, Kd_n, g_n = xs
+            Vn = U_n - W_n @ S
+            return g_n[..., :, None] * S + _mT(Kd_n) @ Vn, (S, Vn)
+
+        S_T, (h, Vn) = jax.lax.scan(step, h0, (W, U, Kd, gend), unroll=min(SCAN_UNROLL, W.shape[0]))
+        return h, Vn, S_T
+
+    def reverse(self, dO, Aqk, Qs, Kd, W, gend, dS_T):
+        """Reverse sweep carrying dS (kda_spec §4.2 step 1): (dh0, dS leaving each chunk, dVn)."""
+
+        def rstep(dS, xs):
+            dVl, Kd_n, W_n, g_n, qd_n = xs
+            dVn = dVl + Kd_n @ dS
+            return qd_n + g_n[..., :, None] * dS - _mT(W_n) @ dVn, (dS, dVn)
+
+        dh0, (dSn, dVn) = jax.lax.scan(rstep, dS_T, (_mT(Aqk) @ dO, Kd, W, gend, _mT(Qs) @ dO), reverse=True,
+                                       unroll=min(SCAN_UNROLL, W.shape[0]))
+        return dh0, dSn, dVn
+
+    def __hash__(self):
+        return hash(type(self))
+
+    def __eq__(self, other):
+        return type(self) is type(other)
+
+
+SCAN = ScanPasses()
 
 
 def _prepare(q, k, v, a, beta, zone):
@@ -241,42 +266,32 @@ def _prepare(q, k, v, a, beta, zone):
 # custom VJP core on chunk-major inputs [N, B, HV, C, D]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _core(q, k, v, a, beta, h0, zone, scale):
-    return _core_fwd(q, k, v, a, beta, h0, zone, scale)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _core(q, k, v, a, beta, h0, zone, scale, passes):
+    return _core_fwd(q, k, v, a, beta, h0, zone, scale, passes)[0]
 
 
-def _core_fwd(q, k, v, a, beta, h0, zone, scale):
+def _core_fwd(q, k, v, a, beta, h0, zone, scale, passes):
     qf, kf, vf, bf, G, zones = _prepare(q, k, v, a, beta, zone)
     Aqk, T = _intra(qf, kf, bf, _Gating(G), zones, scale)
     f = _wy(kf, vf, bf, G, T, zones)
-    h, Vn, S_T = _state_scan(f["W"], f["U"], f["Kd"], f["gend"], h0.astype(qf.dtype))
-    o = scale * (qf * f["Gamma"]) @ h + Aqk @ Vn
+    h, Vn, S_T = passes.forward(f["W"], f["U"], f["Kd"], f["gend"], h0.astype(qf.dtype))
+    o = scale * (qf * f["Gamma"]) @ h.astype(qf.dtype) + Aqk @ Vn.astype(qf.dtype)
     return (o.astype(v.dtype), S_T.astype(h0.dtype)), (q, k, v, a, beta, h0, zone, Aqk, T)
 
 
-def _core_bwd(scale, res, cts):
+def _core_bwd(scale, passes, res, cts):
     q, k, v, a, beta, h0, zone, Aqk, T = res
     dO, dS_T = cts
     qf, kf, vf, bf, G, zones = _prepare(q, k, v, a, beta, zone)
     acc = qf.dtype
     gating = _Gating(G)
     f = _wy(kf, vf, bf, G, T, zones)
-    h, Vn, _ = _state_scan(f["W"], f["U"], f["Kd"], f["gend"], h0.astype(acc))
+    h, Vn, _ = passes.forward(f["W"], f["U"], f["Kd"], f["gend"], h0.astype(acc))
+    h, Vn = h.astype(acc), Vn.astype(acc)
     dO = dO.astype(acc)
-
-    # reverse sweep over chunks carrying dS (kda_spec §4.2 step 1)
-    dVn_local = _mT(Aqk) @ dO
-    QgdO = scale * _mT(qf * f["Gamma"]) @ dO
-
-    def rstep(dS, xs):
-        dVl, Kd_n, W_n, g_n, qd_n = xs
-        dVn = dVl + Kd_n @ dS
-        return qd_n + g_n[..., :, None] * dS - _mT(W_n) @ dVn, (dS, dVn)
-
-    dh0, (dSn, dVn) = jax.lax.scan(
-        rstep, dS_T.astype(acc), (dVn_local, f["Kd"], f["W"], f["gend"], QgdO), reverse=True,
-        unroll=min(SCAN_UNROLL, h.shape[0]))
+    dh0, dSn, dVn = passes.reverse(dO, Aqk, scale * qf * f["Gamma"], f["Kd"], f["W"], f["gend"], dS_T.astype(acc))
+    dSn, dVn = dSn.astype(acc), dVn.astype(acc)
 
     # inter-chunk parts (step 2)
     dq = scale * (dO @ _mT(h)) * f["Gamma"]
@@ -321,10 +336,11 @@ _core.defvjp(_core_fwd, _core_bwd)
 # public entry on canonical inputs
 
 
-def kda_chunked(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64):
+def kda_chunked(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, passes=SCAN):
     """Canonical inputs (``inputs.canonicalize``) -> (o ``[B, T, HV, V]`` in v.dtype, final state f32).
 
-    Any T: the tail is padded with no-op tokens (g = 0, q = k = v = β = 0, no reset).
+    Any T: the tail is padded with no-op tokens (g = 0, q = k = v = β = 0, no reset). ``passes``
+    runs the serial passes over the chunks (``ScanPasses`` here; GPU kernels in ``kda_jax.kernels``).
     """
     B, T, HV, V = v.shape
     K = q.shape[-1]
@@ -337,5 +353,5 @@ def kda_chunked(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chu
         r = pad_time(resets, C).reshape(B, -1, C)
         zone = jnp.cumsum(r.astype(jnp.int32), axis=-1).transpose(1, 0, 2)[:, :, None, :]
     h0 = jnp.zeros((B, HV, K, V), jnp.float32) if initial_state is None else initial_state
-    o, S_T = _core(q, k, v, g, beta, h0, zone, float(scale))
+    o, S_T = _core(q, k, v, g, beta, h0, zone, float(scale), passes)
     return _from_chunks(o)[:, :T], S_T
