@@ -29,7 +29,7 @@ test-gpu:  ## on a CUDA machine: the GPU-marked tests
 	python3 -m pytest -q -m gpu $(PYTEST_ARGS)
 
 bench:  ## on a CUDA machine: op benchmarks, JSON to benchmarks/results/
-	python3 benchmarks/kda_ops.py
+	python3 benchmarks/kda_kernels.py
 
 RUN ?= shakespeare_small
 WORKDIR ?= runs/$(RUN)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kda_ops import SHAPES, make_inputs, time_jax  # noqa: E402
+from kda_kernels import SHAPES, make_inputs, time_jax  # noqa: E402
 
 from kda_jax.ops import chunked as ck  # noqa: E402
 

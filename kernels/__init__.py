@@ -1,0 +1,39 @@
+"""GPU kernels of kda-jax (Pallas Mosaic GPU, H100), registered with ``kda_jax.ops.kda``.
+
+``mosaic``: chunked KDA whose serial state passes run as Mosaic GPU kernels (``kda.py``,
+``state_pass.py``). Its ``supports`` predicate accepts exactly the envelope the GPU tests
+cover (tests/kernels); anything else falls back to ``chunked`` under ``impl="auto"``.
+Pallas is imported only when a kernel is first called.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from kda_jax.ops import registry
+
+# Set to True once the GPU tests of this envelope pass on an H100 (see the closing notes and
+# benchmarks/NOTES.md); until then impl="auto" never picks the kernel.
+MOSAIC_AUTO = False
+
+
+def mosaic_supports(call: registry.Call) -> str | None:
+    """None when the Mosaic kernels can run ``call``, else the reason they cannot."""
+    if call.backend != "gpu":
+        return f"needs a GPU backend, got {call.backend}"
+    if call.chunk_size != 64:
+        return f"needs chunk_size 64, got {call.chunk_size}"
+    if call.K not in (64, 128) or call.V not in (64, 128):
+        return f"needs K, V in (64, 128), got K={call.K} V={call.V}"
+    if call.qkv_dtype not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32)):
+        return f"needs bf16 or float32 q/k/v, got {call.qkv_dtype}"
+    return None
+
+
+def _kda_mosaic(*args, **kwargs):
+    from kda_jax.kernels.kda import kda_mosaic
+
+    return kda_mosaic(*args, **kwargs)
+
+
+registry.register("mosaic", _kda_mosaic, mosaic_supports, priority=10, auto=MOSAIC_AUTO)

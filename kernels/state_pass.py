@@ -95,7 +95,7 @@ def forward_pass(W, U, Kd, gend, h0, *, interpret=False):
             plgpu.copy_gmem_to_smem(g_ref.at[n, b, h], g_s.at[slot], bar)
 
         fetch(0, 0)
-        s0 = plgpu.load(h0_ref.at[b, h, :, cols], (), layout=_WG, optimized=False)
+        s0 = plgpu.load(h0_ref.at[b, h, :, cols], layout=_WG, optimized=False)
 
         def step(n, s):
             slot = lax.rem(n, 2)
@@ -109,12 +109,12 @@ def forward_pass(W, U, Kd, gend, h0, *, interpret=False):
             s_s[...] = s.astype(_BF16)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(s_s, h_ref.at[n, b, h, :, cols], commit_group=False)
-            vn = plgpu.load(u_s.at[slot], (), layout=_WG, optimized=False).astype(_F32) - _mm((C, bv), (w_s.at[slot], s_s))
+            vn = plgpu.load(u_s.at[slot], layout=_WG, optimized=False).astype(_F32) - _mm((C, bv), (w_s.at[slot], s_s))
             vn_s[...] = vn.astype(_BF16)
             plgpu.commit_smem()
             plgpu.copy_smem_to_gmem(vn_s, vn_ref.at[n, b, h, :, cols], commit_group=False)
             plgpu.commit_smem_to_gmem_group()
-            decay = plgpu.load(g_s.at[slot], (), layout=_ROW, optimized=False)
+            decay = plgpu.load(g_s.at[slot], layout=_ROW, optimized=False)
             return lax.broadcast_in_dim(decay, (K, bv), [0]) * s + _mm((K, bv), (kd_s.at[slot].T, vn_s))
 
         s = lax.fori_loop(0, N, step, s0)
@@ -171,7 +171,7 @@ def reverse_pass(dO, Aqk, Qs, Kd, W, gend, dS_T, *, interpret=False):
             plgpu.copy_gmem_to_smem(g_ref.at[n, b, h], g_s.at[slot], bar)
 
         fetch(N - 1, 0)
-        ds0 = plgpu.load(dst_ref.at[b, h, :, cols], (), layout=_WG, optimized=False)
+        ds0 = plgpu.load(dst_ref.at[b, h, :, cols], layout=_WG, optimized=False)
 
         def step(i, ds):
             n, slot = N - 1 - i, lax.rem(i, 2)
@@ -188,7 +188,7 @@ def reverse_pass(dO, Aqk, Qs, Kd, W, gend, dS_T, *, interpret=False):
             dvn_ref.at[n, b, h, :, cols][...] = dvn
             dvn_s[...] = dvn.astype(_BF16)
             plgpu.commit_smem()
-            decay = plgpu.load(g_s.at[slot], (), layout=_ROW, optimized=False)
+            decay = plgpu.load(g_s.at[slot], layout=_ROW, optimized=False)
             back = _mm((K, bv), (q_s.at[slot].T, do_s.at[slot])) - _mm((K, bv), (w_s.at[slot].T, dvn_s))
             return back + lax.broadcast_in_dim(decay, (K, bv), [0]) * ds
 

@@ -23,6 +23,8 @@ def _always(call):
 registry.register("chunked", kda_chunked, _always, priority=100)
 registry.register("reference", kda_reference, _always, priority=200)
 
+import kda_jax.kernels  # noqa: E402,F401  (registers the GPU kernels)
+
 
 def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False, segment_ids=None,
         use_qk_l2norm=False, A_log=None, dt_bias=None, beta_is_logit=False, chunk_size=64, impl="auto",

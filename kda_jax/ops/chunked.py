@@ -44,7 +44,7 @@ from kda_jax.ops.inputs import expand_heads, pad_time
 
 SUB = 16
 # Chunks per iteration of the sequential state loops. On GPU each loop iteration costs a host
-# round trip for the trip condition, so unrolling cuts the per-chunk latency (benchmarks/kda_ops.py
+# round trip for the trip condition, so unrolling cuts the per-chunk latency (benchmarks/kda_kernels.py
 # times 1 vs the default side by side).
 SCAN_UNROLL = 8
 _HIGHEST = jax.lax.Precision.HIGHEST

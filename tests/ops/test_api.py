@@ -124,7 +124,7 @@ def test_auto_picks_chunked_on_cpu_and_a_supported_kernel_first():
             kda(*args, impl="fake_kernel")
     finally:
         registry._REGISTRY.pop("fake_kernel")
-    assert registry.names() == ["chunked", "reference"]
+    assert registry.names() == ["mosaic", "chunked", "reference"]
 
 
 def test_impls_agree():

@@ -1,8 +1,13 @@
-"""KDA op benchmark: kda-jax vs flash-linear-attention and jax-linear-attention, same GPU, same run.
+"""KDA kernel benchmark: kda-jax vs flash-linear-attention and jax-linear-attention, same GPU, same run.
 
 Shapes (benchmarks.md): H = 16, K = V = 128, bf16 q/k/v/β, float32 log decay g = −softplus(N(0,1)),
 q and k L2-normalised; short 8×2048, mid 2×8192, long 1×32768. Forward alone and forward+backward
 (gradients of Σ o⊙dO w.r.t. q, k, v, g, β), median of ``--iters`` timed calls after warm-up.
+
+Every row also carries ``floor_ms`` and ``x_floor``: the time to move the bytes a fully fused
+implementation must move (benchmarks.md: forward reads q, k, v, g, β and writes o, 1538 B per
+token-head; forward+backward also reads dO and writes dq, dk, dv, dg, dβ, 3076 B) at 3.0 TB/s,
+and the measured time as a multiple of it.
 
 Also records, for the pure-JAX ``chunked`` path, the compiled peak-memory analysis of
 forward+backward at B = 1, H = 16, K = V = 128 and T = 8K … 64K (linear in T).
@@ -12,7 +17,7 @@ Baselines run only when installed (they are never dependencies of kda-jax). On t
     pip install --no-index --no-deps --target .site .whl/*.whl   # fla 0.6.0, fla-core, jla 0.1.0, ...
     PYTHONPATH=.site:. python benchmarks/kda_ops.py
 
-Writes ``benchmarks/results/kda_ops_<gpu>.json`` (or ``--out``) and prints a table last.
+Writes ``benchmarks/results/kda_kernels_<gpu>.json`` (or ``--out``) and prints a table last.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from kda_jax.ops import kda  # noqa: E402
 
 SHAPES = {"short": (8, 2048), "mid": (2, 8192), "long": (1, 32768)}
 H, K, V = 16, 128, 128
+COPY_BW = 3.0e12  # bytes/s, H100 copy bandwidth measured (benchmarks.md)
+FLOOR_BYTES = {"fwd": 3 * 2 * K + 4 * K + 2 + 2 * V, "fwdbwd": 2 * (3 * 2 * K + 4 * K + 2 + 2 * V)}
 
 
 def make_inputs(B, T, seed=0):
@@ -85,7 +92,8 @@ def _chunked_with_unroll(unroll):
 
 
 def jax_impls(unroll_ablation=False):
-    impls = {"kda_jax.chunked": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="chunked")[0]}
+    impls = {"kda_jax.chunked": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="chunked")[0],
+             "kda_jax.mosaic": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="mosaic")[0]}
     if unroll_ablation:
         impls["kda_jax.chunked[unroll=1]"] = _chunked_with_unroll(1)
     try:
@@ -188,7 +196,7 @@ def write(out, gpu, sha, rows, checks, mem):
             versions[key] = __import__(mod).__version__
         except Exception:
             pass
-    result = dict(benchmark="kda_ops", gpu=gpu, date=datetime.date.today().isoformat(), versions=versions,
+    result = dict(benchmark="kda_kernels", gpu=gpu, date=datetime.date.today().isoformat(), versions=versions,
                   rows=rows, output_agreement=checks, chunked_fwdbwd_memory=mem)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=1)
@@ -199,21 +207,23 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--shapes", default="short,mid,long")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--impls", default="", help="comma-separated substrings; run only matching implementations")
     ap.add_argument("--unroll-ablation", action="store_true", help="also time the chunked path without unrolling")
     ap.add_argument("--no-memory", action="store_true", help="skip the compiled-memory rows")
     args = ap.parse_args()
 
     gpu = jax.devices()[0].device_kind
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
-                                   f"kda_ops_{gpu.replace(' ', '_').replace('/', '_')}.json")
+                                   f"kda_kernels_{gpu.replace(' ', '_').replace('/', '_')}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     try:
         sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
                                       stderr=subprocess.DEVNULL).strip()
     except Exception:  # a copy without .git (e.g. a remote GPU machine): say which commit via the env
         sha = os.environ.get("KDA_JAX_SHA", "unknown")
-    impls = jax_impls(args.unroll_ablation)
-    torch, chunk_kda = fla_impl()
+    keep = lambda n: not args.impls or any(s in n for s in args.impls.split(","))
+    impls = {n: f for n, f in jax_impls(args.unroll_ablation).items() if keep(n)}
+    torch, chunk_kda = fla_impl() if keep("fla.chunk_kda") else (None, None)
     rows, checks = [], []
     for shape in args.shapes.split(","):
         B, T = SHAPES[shape]
@@ -238,6 +248,8 @@ def main():
                                        rel_rmse_o=rel_rmse(o, outs["fla.chunk_kda"])))
         for r in rows:
             r["pass"] = r.pop("pass_", r.get("pass"))
+            r["floor_ms"] = r["B"] * r["T"] * H * FLOOR_BYTES[r["pass"]] / COPY_BW * 1e3
+            r["x_floor"] = r["ms"] / r["floor_ms"]
         write(out, gpu, sha, rows, checks, [])  # after every shape, so a cut-off run keeps its results
         print(json.dumps([r for r in rows if r["shape"] == shape]), flush=True)
 

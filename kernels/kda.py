@@ -1,0 +1,52 @@
+"""Chunked KDA with its serial passes on the Mosaic GPU kernels of ``state_pass``.
+
+``kda_mosaic`` is ``kda_jax.ops.chunked.kda_chunked`` with ``passes=MosaicPasses()``: the
+parallel-over-chunks algebra (gating, the exact diagonal sub-blocks, the triangular inverse,
+W/U/Kd, outputs and the gradients that follow from the chunk states) is the same XLA code as
+the ``chunked`` implementation, so the two share one backward; only the two recurrences over
+the chunks (forward states and the reverse sweep of dS) run as kernels. Operands the kernels
+read are rounded to bf16 (the state stays float32), so float32 inputs give bf16-level
+agreement, within the thresholds of kda_spec §5.3.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from kda_jax.kernels import state_pass
+from kda_jax.ops.chunked import kda_chunked
+
+_BF16, _F32 = jnp.bfloat16, jnp.float32
+
+
+class MosaicPasses:
+    """The ``passes`` interface of ``kda_jax.ops.chunked`` on the state-pass kernels."""
+
+    def __init__(self, interpret: bool = False):
+        self.interpret = bool(interpret)
+
+    def forward(self, W, U, Kd, gend, h0):
+        return state_pass.forward_pass(W.astype(_BF16), U.astype(_BF16), Kd.astype(_BF16), gend.astype(_F32),
+                                       h0.astype(_F32), interpret=self.interpret)
+
+    def reverse(self, dO, Aqk, Qs, Kd, W, gend, dS_T):
+        dSn, dVn, dh0 = state_pass.reverse_pass(dO.astype(_BF16), Aqk.astype(_BF16), Qs.astype(_BF16),
+                                                Kd.astype(_BF16), W.astype(_BF16), gend.astype(_F32),
+                                                dS_T.astype(_F32), interpret=self.interpret)
+        return dh0, dSn, dVn
+
+    def __hash__(self):
+        return hash((type(self), self.interpret))
+
+    def __eq__(self, other):
+        return type(self) is type(other) and self.interpret == other.interpret
+
+
+def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, interpret=False):
+    """Canonical inputs (``kda_jax.ops.inputs.canonicalize``) -> (o, final state float32).
+
+    Needs chunk_size 64 and K, V multiples of 64 (see ``supports``); ``interpret`` runs the
+    kernels on CPU (tests).
+    """
+    return kda_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets,
+                       chunk_size=chunk_size, passes=MosaicPasses(interpret))

@@ -1,0 +1,159 @@
+"""The Mosaic GPU KDA kernels against the float64 recurrence: outputs, final state, all gradients.
+
+CPU (default suite): the kernels in interpret mode at small shapes. GPU (``-m gpu``, run with
+``KDA_TEST_GPU=1`` on the device machine): compiled, at the standard head size and awkward
+shapes. Thresholds are kda_spec §5.3 (``tests.ops.helpers.TOL``).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kda_jax.kernels import mosaic_supports, state_pass
+from kda_jax.ops import chunked, kda, registry
+from kda_jax.ops.inputs import resets_from_segment_ids
+from tests.ops.helpers import GRAD_NAMES, check_against_oracle, make_inputs, rel_rmse
+
+on_gpu = jax.default_backend() == "gpu"
+
+
+def _mosaic(resets=None, interpret=True, segment_ids=None):
+    from kda_jax.kernels.kda import kda_mosaic
+
+    def fn(q, k, v, g, beta, h0):
+        return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, initial_state=h0, resets=resets,
+                          interpret=interpret)
+    return fn
+
+
+def _segments(T, bounds):
+    seg = np.zeros(T, np.int32)
+    for b in bounds:
+        seg[b:] += 1
+    return seg
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU, interpret mode
+
+
+def _rand(shape, dtype, seed):
+    return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
+
+
+def test_state_passes_equal_the_scan_passes():
+    """Both kernels against ``ScanPasses`` on the same (bf16-rounded) chunk operands."""
+    N, B, H, C, K, V = 3, 1, 2, 64, 64, 128
+    W, U, Kd, dO, Qs = (_rand((N, B, H, C, d), jnp.bfloat16, s) * 0.2 for s, d in enumerate([K, V, K, V, K]))
+    Aqk = jnp.tril(_rand((N, B, H, C, C), jnp.bfloat16, 7) * 0.1)
+    gend = jnp.exp(-jnp.abs(_rand((N, B, H, K), jnp.float32, 8)))
+    h0, dS_T = _rand((B, H, K, V), jnp.float32, 9), _rand((B, H, K, V), jnp.float32, 10)
+    f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
+    ref = chunked.SCAN.forward(*f32(W, U, Kd), gend, h0)
+    got = state_pass.forward_pass(W, U, Kd, gend, h0, interpret=True)
+    for name, a, b in zip(("h", "Vn", "S_T"), got, ref):
+        assert rel_rmse(a, b) < 1e-2, name
+    dh0, dSn, dVn = chunked.SCAN.reverse(*f32(dO, Aqk, Qs, Kd, W), gend, dS_T)
+    got = state_pass.reverse_pass(dO, Aqk, Qs, Kd, W, gend, dS_T, interpret=True)
+    for name, a, b in zip(("dSn", "dVn", "dh0"), got, (dSn, dVn, dh0)):
+        assert rel_rmse(a, b) < 1e-2, name
+
+
+def test_state_pass_rejects_wrong_operands():
+    W = jnp.zeros((1, 1, 1, 64, 64), jnp.bfloat16)
+    g, h0 = jnp.ones((1, 1, 1, 64), jnp.float32), jnp.zeros((1, 1, 64, 64), jnp.float32)
+    with pytest.raises(ValueError, match=r"U must be bfloat16\[1, 1, 1, 64, 64\], got float32"):
+        state_pass.forward_pass(W, W.astype(jnp.float32), W, g, h0, interpret=True)
+    W48 = jnp.zeros((1, 1, 1, 64, 48), jnp.bfloat16)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        state_pass.forward_pass(W48, W, W48, g[..., :48], jnp.zeros((1, 1, 48, 64), jnp.float32), interpret=True)
+
+
+@pytest.mark.parametrize("shape,dtype,gate", [
+    ((1, 100, 1, 1, 64, 64), jnp.float32, "normal"),      # padding (T not a multiple of 64), h0
+    ((1, 130, 1, 2, 64, 128), jnp.bfloat16, "strong"),    # GVA, V = 128, gates of -1000
+], ids=["pad-f32", "gva-bf16-strong"])
+def test_interpret_matches_float64_recurrence(shape, dtype, gate):
+    x = make_inputs(*shape, dtype=dtype, gate=gate, seed=sum(shape))
+    check_against_oracle(_mosaic(), x, label=f"mosaic {shape}")
+
+
+def test_interpret_packed_documents():
+    x = make_inputs(2, 150, 1, 1, 64, 64, dtype=jnp.bfloat16, gate="strong", seed=4)
+    resets = resets_from_segment_ids(jnp.asarray(np.stack([_segments(150, [10, 70, 71]), _segments(150, [64, 140])])))
+    check_against_oracle(_mosaic(resets), x, resets=resets, label="mosaic segments")
+
+
+def test_dispatch_is_fail_closed():
+    """The kernel refuses what the GPU tests do not cover, and ``auto`` never picks it on CPU."""
+    call = lambda **kw: registry.Call(**{**dict(B=1, T=64, H=1, HV=1, K=128, V=128, qkv_dtype=jnp.dtype(jnp.bfloat16),
+                                                chunk_size=64, has_segments=True, has_initial_state=True,
+                                                backend="gpu"), **kw})
+    assert mosaic_supports(call()) is None
+    assert "GPU" in mosaic_supports(call(backend="cpu"))
+    assert "chunk_size" in mosaic_supports(call(chunk_size=32))
+    assert "K, V" in mosaic_supports(call(K=96))
+    assert "K, V" in mosaic_supports(call(V=256))
+    assert "float16" in mosaic_supports(call(qkv_dtype=jnp.dtype(jnp.float16)))
+    if not on_gpu:
+        assert registry.select("auto", call(backend="cpu")).name == "chunked"
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU, compiled
+
+GPU_SHAPES = [  # (B, T, H, HV, K, V)
+    (2, 2048, 4, 4, 128, 128),
+    (1, 63, 2, 2, 128, 128),
+    (2, 1000, 2, 2, 64, 64),
+    (1, 1500, 2, 4, 128, 128),  # GVA
+    (1, 777, 3, 3, 64, 128),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}T{}H{}HV{}K{}V{}".format(*s))
+def test_gpu_matches_float64_recurrence(shape, dtype):
+    x = make_inputs(*shape, dtype=dtype, seed=sum(shape))
+    check_against_oracle(_mosaic(interpret=False), x, label=f"mosaic gpu {shape}")
+
+
+@pytest.mark.gpu
+def test_gpu_strong_gates_packed_documents_front_door():
+    """−1000 gates, documents with boundaries inside chunks, GVA and h0, through ``kda(impl="mosaic")``."""
+    T = 1000
+    x = make_inputs(2, T, 2, 4, 128, 128, dtype=jnp.bfloat16, gate="strong", seed=31)
+    seg = jnp.asarray(np.stack([_segments(T, [1, 37, 64, 500, 999]), _segments(T, [128, 640])]))
+    resets = resets_from_segment_ids(seg)
+    check_against_oracle(
+        lambda q, k, v, g, beta, h0: kda(q, k, v, g, beta, initial_state=h0, output_final_state=True,
+                                         segment_ids=seg, impl="mosaic"),
+        x, resets=resets, label="mosaic gpu packed")
+
+
+@pytest.mark.gpu
+def test_gpu_causality():
+    """Changing inputs at t >= t0 changes neither outputs before t0 nor the gradients of inputs before t0."""
+    T, t0 = 1000, 300
+    x = make_inputs(1, T, 2, 2, 128, 128, dtype=jnp.bfloat16, gate="strong", seed=41)
+    y = make_inputs(1, T, 2, 2, 128, 128, dtype=jnp.bfloat16, gate="strong", seed=42)
+    mixed = {n: (x[n] if n == "h0" else x[n].at[:, t0:].set(y[n][:, t0:])) for n in GRAD_NAMES}
+    do = jnp.asarray(np.random.default_rng(0).standard_normal((1, t0, 2, 128)), jnp.float32)
+    fn = _mosaic(interpret=False)
+
+    def prefix(inp):
+        def loss(*args):
+            o, _ = fn(*args)
+            return jnp.sum(o[:, :t0].astype(jnp.float32) * do), o
+        return jax.grad(loss, argnums=range(6), has_aux=True)(*(inp[n] for n in GRAD_NAMES))
+
+    g1, o1 = prefix(x)
+    g2, o2 = prefix(mixed)
+    np.testing.assert_array_equal(np.asarray(o1[:, :t0], np.float32), np.asarray(o2[:, :t0], np.float32))
+    for n, a, b in zip(GRAD_NAMES, g1, g2):
+        if n == "h0":
+            continue
+        np.testing.assert_array_equal(np.asarray(a[:, :t0], np.float32), np.asarray(b[:, :t0], np.float32), err_msg=n)
+        assert not np.any(np.asarray(a[:, t0 + 64:], np.float32)), f"d{n} nonzero after t0"
