@@ -12,7 +12,6 @@ import sys
 import jax
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kda_kernels import SHAPES, make_inputs, time_jax  # noqa: E402
 

@@ -38,7 +38,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from kda_jax.ops import kda  # noqa: E402
 
 SHAPES = {"short": (8, 2048), "mid": (2, 8192), "long": (1, 32768)}
