@@ -28,7 +28,6 @@ import json
 import os
 import statistics
 import subprocess
-import sys
 import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # share the GPU with PyTorch
