@@ -214,11 +214,13 @@ def main():
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"kda_kernels_{gpu.replace(' ', '_').replace('/', '_')}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
-    try:
-        sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                      stderr=subprocess.DEVNULL).strip()
-    except Exception:  # a copy without .git (e.g. a remote GPU machine): say which commit via the env
-        sha = os.environ.get("KDA_JAX_SHA", "unknown")
+    sha = os.environ.get("KDA_JAX_SHA")  # a copy of the tree on a GPU machine: its .git may be stale
+    if not sha:
+        try:
+            sha = subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                          stderr=subprocess.DEVNULL).strip()
+        except Exception:
+            sha = "unknown"
     keep = lambda n: not args.impls or any(s in n for s in args.impls.split(","))
     impls = {n: f for n, f in jax_impls(args.unroll_ablation).items() if keep(n)}
     torch, chunk_kda = fla_impl() if keep("fla.chunk_kda") else (None, None)

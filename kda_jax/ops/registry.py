@@ -32,6 +32,7 @@ class Call:
     has_segments: bool
     has_initial_state: bool
     backend: str
+    num_devices: int = 1  # devices of the process: a kernel without a partitioning rule must refuse > 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,7 +61,7 @@ def describe_call(c, chunk_size: int) -> Call:
     HV, V = c.v.shape[2], c.v.shape[3]
     return Call(B=B, T=T, H=H, HV=HV, K=K, V=V, qkv_dtype=jnp.dtype(c.q.dtype), chunk_size=chunk_size,
                 has_segments=c.resets is not None, has_initial_state=c.initial_state is not None,
-                backend=jax.default_backend())
+                backend=jax.default_backend(), num_devices=jax.device_count())
 
 
 def select(impl: str, call: Call) -> Impl:

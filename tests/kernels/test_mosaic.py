@@ -92,12 +92,14 @@ def test_dispatch_is_fail_closed():
                                                 backend="gpu"), **kw})
     assert mosaic_supports(call()) is None
     assert "GPU" in mosaic_supports(call(backend="cpu"))
+    assert "single-device" in mosaic_supports(call(num_devices=8))
     assert "chunk_size" in mosaic_supports(call(chunk_size=32))
     assert "K, V" in mosaic_supports(call(K=96))
     assert "K, V" in mosaic_supports(call(V=256))
     assert "float16" in mosaic_supports(call(qkv_dtype=jnp.dtype(jnp.float16)))
-    if not on_gpu:
-        assert registry.select("auto", call(backend="cpu")).name == "chunked"
+    assert registry.select("auto", call(backend="cpu")).name == "chunked"
+    assert registry.select("auto", call(num_devices=2)).name == "chunked"
+    assert registry.select("auto", call()).name == "mosaic"
 
 
 # ---------------------------------------------------------------------------------------------
