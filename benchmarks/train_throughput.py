@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 from kda_jax.models import count_params, get_config, variant  # noqa: E402
 from kda_jax.train.config import MeshConfig, OptimConfig, TrainConfig  # noqa: E402
 from kda_jax.train.flops import flops_per_token, peak_flops_per_second  # noqa: E402
-from kda_jax.train.mesh import global_batch, make_mesh  # noqa: E402
+from kda_jax.train.mesh import batch_sharding, global_batch, make_mesh  # noqa: E402
 from kda_jax.train.trainer import Trainer  # noqa: E402
 
 
@@ -47,35 +47,60 @@ def peak_memory(devices):
     return max((s.get("peak_bytes_in_use", 0) for s in stats), default=0)
 
 
-def measure(config, args, n_devices):
+def _gib(x):
+    return round(x / 2**30, 3)
+
+
+def measure(config, args, n_devices, rec):
+    """Compile ahead of time (recording compile times and XLA's memory analysis in ``rec`` first,
+    so a failed run still says why), refuse a step that cannot fit, then time ``args.steps`` steps."""
     devices = jax.devices()[:n_devices]
+    rec["devices"] = n_devices
     mesh = make_mesh(MeshConfig(data=1, fsdp=n_devices, tensor=1, expert=1), devices)
     optim = OptimConfig(name=args.optimizer, learning_rate=1e-3, warmup_steps=10)
     trainer = Trainer.build(config, optim, TrainConfig(steps=args.steps + args.warmup, microbatches=args.micro), mesh)
     batch = synthetic_batch(args.batch * n_devices, args.seq, config.vocab_size)
     with jax.set_mesh(mesh):
-        state = trainer.init()
+        t0 = time.perf_counter()
+        init = trainer.init.lower().compile()
+        rec["compile_init_s"] = time.perf_counter() - t0
+        abs_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding(mesh)) for k, v in batch.items()}
+        t0 = time.perf_counter()
+        step = trainer.step.lower(trainer.abstract_state, abs_batch).compile()
+        rec["compile_step_s"] = time.perf_counter() - t0
+        mi, ms = init.memory_analysis(), step.memory_analysis()
+        limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+        rec["memory_gib"] = {"init_temp": _gib(mi.temp_size_in_bytes), "init_out": _gib(mi.output_size_in_bytes),
+                             "step_args": _gib(ms.argument_size_in_bytes), "step_temp": _gib(ms.temp_size_in_bytes),
+                             "device_limit": None if limit is None else _gib(limit)}
+        print(f"{rec['variant']} x{n_devices}: compiled in {rec['compile_init_s']:.0f} + {rec['compile_step_s']:.0f} s, "
+              f"memory (GiB, per device) {rec['memory_gib']}", flush=True)
+        need = ms.argument_size_in_bytes + ms.temp_size_in_bytes
+        if limit is not None and need > limit:
+            raise MemoryError(f"the step needs {need / 2**30:.1f} GiB per device (arguments + temporaries), "
+                              f"the device has {limit / 2**30:.1f} GiB")
+        state = init()
         gb = global_batch(batch, mesh)
         t0 = time.perf_counter()
         for _ in range(args.warmup):
-            state, m = trainer.step(state, gb)
+            state, m = step(state, gb)
         jax.block_until_ready(m)
-        compile_s = time.perf_counter() - t0
+        warm_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         for _ in range(args.steps):
-            state, m = trainer.step(state, gb)
+            state, m = step(state, gb)
         jax.block_until_ready(m)
         elapsed = time.perf_counter() - t0
     tokens = args.batch * n_devices * args.seq
     tps = tokens * args.steps / elapsed
     fl = flops_per_token(config, args.seq)
     peak = peak_flops_per_second(devices[0])
-    return {
-        "devices": n_devices, "global_batch": args.batch * n_devices, "seq_len": args.seq, "steps": args.steps,
+    rec.update({
+        "global_batch": args.batch * n_devices, "seq_len": args.seq, "steps": args.steps,
         "step_time_s": elapsed / args.steps, "tokens_per_s": tps, "tokens_per_s_per_device": tps / n_devices,
         "train_flops_per_token": fl["train"], "mfu": None if peak is None else tps * fl["train"] / (peak * n_devices),
-        "peak_memory_gib": peak_memory(devices) / 2**30, "warmup_s": compile_s, "final_loss": float(m["loss"]),
-    }
+        "peak_memory_gib": peak_memory(devices) / 2**30, "warmup_s": warm_s, "final_loss": float(m["loss"]),
+    })
 
 
 def main():
@@ -93,14 +118,17 @@ def main():
     ap.add_argument("--param_dtype", default="float32",
                     help="master-parameter dtype (bfloat16 halves parameter, gradient and optimiser memory)")
     ap.add_argument("--moe_dispatch", default="sorted", help="sorted (ragged_dot) | dense (every expert)")
+    ap.add_argument("--num_experts", type=int, default=None,
+                    help="override the preset's routed experts (same activated size, fewer total parameters)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     gpu = jax.devices()[0].device_kind
     out = args.out or f"benchmarks/results/train_{args.preset}_{gpu.replace(' ', '_')}.json"
     sha = os.environ.get("KDA_JAX_SHA") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                                                           text=True).stdout.strip()
+    overrides = {} if args.num_experts is None else {"num_experts": args.num_experts}
     base = get_config(args.preset, dtype="bfloat16", param_dtype=args.param_dtype, remat=args.remat,
-                      moe_dispatch=args.moe_dispatch)
+                      moe_dispatch=args.moe_dispatch, **overrides)
     result = {"device": gpu, "device_count": jax.device_count(), "commit": sha, "jax": jax.__version__,
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "preset": args.preset,
               "args": vars(args), "runs": []}
@@ -110,7 +138,7 @@ def main():
         for n in (int(x) for x in args.devices.split(",")):
             rec = {"variant": name, "params_total": total, "params_activated": active}
             try:
-                rec.update(measure(config, args, n))
+                measure(config, args, n, rec)
             except Exception as e:  # record out-of-memory and keep going with the other runs
                 rec.update(devices=n, error=f"{type(e).__name__}: {str(e)[:500]}")
                 traceback.print_exc()
