@@ -170,6 +170,43 @@ def bench_fla(torch, chunk_kda, x, iters):
 
 
 # ---------------------------------------------------------------------------------------------
+# decode: one (or a few) tokens per call against a donated float32 state
+
+DECODE = dict(B=64, H=32, K=128, V=128)
+HBM_PEAK = 3.35e12  # bytes/s, H100 SXM HBM3 nominal
+
+
+def decode_rows(iters):
+    """Achieved state bandwidth of ``kda_decode``: the state is read and written once per call
+    (2 · B·H·K·V·4 bytes), timed over ``iters`` chained calls with the state donated."""
+    from kda_jax.ops import kda_decode
+
+    B, Hd, Kd, Vd = DECODE["B"], DECODE["H"], DECODE["K"], DECODE["V"]
+    rows = []
+    for S in (1, 4):
+        rng = np.random.default_rng(S)
+        unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+        q, k = (jnp.asarray(unit(rng.standard_normal((B, S, Hd, Kd))), jnp.bfloat16) for _ in range(2))
+        v = jnp.asarray(rng.standard_normal((B, S, Hd, Vd)), jnp.bfloat16)
+        g = jnp.asarray(-np.logaddexp(0, rng.standard_normal((B, S, Hd, Kd))), jnp.float32)
+        beta = jnp.asarray(rng.random((B, S, Hd)), jnp.bfloat16)
+        step = jax.jit(lambda st: kda_decode(q, k, v, g, beta, st), donate_argnums=0)
+        state = jnp.zeros((B, Hd, Kd, Vd), jnp.float32)
+        for _ in range(3):
+            _, state = step(state)
+        jax.block_until_ready(state)
+        ts = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            o, state = step(state)
+            jax.block_until_ready(state)
+            ts.append(time.perf_counter() - t0)
+        ms = statistics.median(ts) * 1e3
+        state_bytes = 2 * B * Hd * Kd * Vd * 4
+        rows.append(dict(impl="kda_jax.decode", pass_="decode", shape=f"decode_S{S}", **DECODE, tokens=S, ms=ms,
+                         ms_min=min(ts) * 1e3, n=iters, state_bytes=state_bytes,
+                         gbps=state_bytes / (ms * 1e-3) / 1e9, frac_hbm_peak=state_bytes / (ms * 1e-3) / HBM_PEAK))
+    return rows
 
 
 def memory_rows():
@@ -208,6 +245,7 @@ def main():
     ap.add_argument("--impls", default="", help="comma-separated substrings; run only matching implementations")
     ap.add_argument("--unroll-ablation", action="store_true", help="also time the chunked path without unrolling")
     ap.add_argument("--no-memory", action="store_true", help="skip the compiled-memory rows")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode bandwidth rows")
     args = ap.parse_args()
 
     gpu = jax.devices()[0].device_kind
@@ -225,7 +263,13 @@ def main():
     impls = {n: f for n, f in jax_impls(args.unroll_ablation).items() if keep(n)}
     torch, chunk_kda = fla_impl() if keep("fla.chunk_kda") else (None, None)
     rows, checks = [], []
-    for shape in args.shapes.split(","):
+    for r in decode_rows(args.iters):
+        r["pass"] = r.pop("pass_")
+        rows.append(r)
+        print(f"decode S={r['tokens']}: {r['ms']:.3f} ms, {r['gbps']:.0f} GB/s of state traffic "
+              f"({100 * r['frac_hbm_peak']:.0f}% of {HBM_PEAK / 1e12:.2f} TB/s)", flush=True)
+    write(out, gpu, sha, rows, checks, [])
+    for shape in ([] if args.decode_only else args.shapes.split(",")):
         B, T = SHAPES[shape]
         x = make_inputs(B, T)
         outs = {}
@@ -247,17 +291,19 @@ def main():
                     checks.append(dict(shape=shape, impl=name, vs="fla.chunk_kda",
                                        rel_rmse_o=rel_rmse(o, outs["fla.chunk_kda"])))
         for r in rows:
+            if r.get("pass", r.get("pass_")) == "decode":
+                continue
             r["pass"] = r.pop("pass_", r.get("pass"))
             r["floor_ms"] = r["B"] * r["T"] * H * FLOOR_BYTES[r["pass"]] / COPY_BW * 1e3
             r["x_floor"] = r["ms"] / r["floor_ms"]
         write(out, gpu, sha, rows, checks, [])  # after every shape, so a cut-off run keeps its results
         print(json.dumps([r for r in rows if r["shape"] == shape]), flush=True)
 
-    mem = [] if args.no_memory else memory_rows()
+    mem = [] if args.no_memory or args.decode_only else memory_rows()
     write(out, gpu, sha, rows, checks, mem)
 
     print(f"\nGPU: {gpu}   (median ms of {args.iters} calls)")
-    names = sorted({r["impl"] for r in rows})
+    names = sorted({r["impl"] for r in rows if r["pass"] != "decode"})
     print(f"{'impl':18s} " + " ".join(f"{s + ' ' + p:>14s}" for s in SHAPES for p in ("fwd", "fwdbwd")))
     for n in names:
         cells = []
