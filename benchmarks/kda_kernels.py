@@ -183,17 +183,21 @@ def decode_rows(iters):
 
     B, Hd, Kd, Vd = DECODE["B"], DECODE["H"], DECODE["K"], DECODE["V"]
     rows = []
-    for S in (1, 4):
+    for S, impl in ((1, "xla"), (4, "xla"), (1, "mosaic"), (4, "mosaic")):
         rng = np.random.default_rng(S)
         unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
         q, k = (jnp.asarray(unit(rng.standard_normal((B, S, Hd, Kd))), jnp.bfloat16) for _ in range(2))
         v = jnp.asarray(rng.standard_normal((B, S, Hd, Vd)), jnp.bfloat16)
         g = jnp.asarray(-np.logaddexp(0, rng.standard_normal((B, S, Hd, Kd))), jnp.float32)
         beta = jnp.asarray(rng.random((B, S, Hd)), jnp.bfloat16)
-        step = jax.jit(lambda st: kda_decode(q, k, v, g, beta, st), donate_argnums=0)
+        step = jax.jit(lambda st: kda_decode(q, k, v, g, beta, st, impl=impl), donate_argnums=0)
         state = jnp.zeros((B, Hd, Kd, Vd), jnp.float32)
-        for _ in range(3):
-            _, state = step(state)
+        try:
+            for _ in range(3):
+                _, state = step(state)
+        except Exception as e:
+            print(f"decode {impl} S={S} failed: {type(e).__name__}: {str(e)[:300]}")
+            continue
         jax.block_until_ready(state)
         ts = []
         for _ in range(iters):
@@ -203,7 +207,7 @@ def decode_rows(iters):
             ts.append(time.perf_counter() - t0)
         ms = statistics.median(ts) * 1e3
         state_bytes = 2 * B * Hd * Kd * Vd * 4
-        rows.append(dict(impl="kda_jax.decode", pass_="decode", shape=f"decode_S{S}", **DECODE, tokens=S, ms=ms,
+        rows.append(dict(impl=f"kda_jax.decode[{impl}]", pass_="decode", shape=f"decode_S{S}", **DECODE, tokens=S, ms=ms,
                          ms_min=min(ts) * 1e3, n=iters, state_bytes=state_bytes,
                          gbps=state_bytes / (ms * 1e-3) / 1e9, frac_hbm_peak=state_bytes / (ms * 1e-3) / HBM_PEAK))
     return rows
@@ -266,7 +270,7 @@ def main():
     for r in decode_rows(args.iters):
         r["pass"] = r.pop("pass_")
         rows.append(r)
-        print(f"decode S={r['tokens']}: {r['ms']:.3f} ms, {r['gbps']:.0f} GB/s of state traffic "
+        print(f"{r['impl']} S={r['tokens']}: {r['ms']:.3f} ms, {r['gbps']:.0f} GB/s of state traffic "
               f"({100 * r['frac_hbm_peak']:.0f}% of {HBM_PEAK / 1e12:.2f} TB/s)", flush=True)
     write(out, gpu, sha, rows, checks, [])
     for shape in ([] if args.decode_only else args.shapes.split(",")):

@@ -39,3 +39,20 @@ def _kda_mosaic(*args, **kwargs):
 
 
 registry.register("mosaic", _kda_mosaic, mosaic_supports, priority=10, auto=MOSAIC_AUTO)
+
+# The decode kernel (decode.py) is checked in interpret mode only; ``kda_decode(impl="auto")``
+# keeps the XLA path until its GPU tests pass on an H100.
+DECODE_AUTO = False
+
+
+def decode_supports(K: int, V: int, tokens: int, backend: str, num_devices: int) -> str | None:
+    """None when the decode kernel can run the call, else the reason it cannot."""
+    if backend != "gpu":
+        return f"needs a GPU backend, got {backend}"
+    if num_devices != 1:
+        return f"single-device programs only (no partitioning rule yet), got {num_devices} devices"
+    if K not in (64, 128) or V not in (64, 128):
+        return f"needs K, V in (64, 128), got K={K} V={V}"
+    if not 1 <= tokens <= 8:
+        return f"needs 1 to 8 tokens per call, got {tokens}"
+    return None

@@ -4,7 +4,9 @@ Decode is bound by state traffic (128 KB of float32 state per head per token for
 so it is exactly the recurrence of ``reference.recurrent_step`` on a float32 state, run over
 the few new tokens. Callers that own the state should jit with the state donated, e.g.
 ``jax.jit(kda_decode, donate_argnames="state", static_argnames=(...))``, so XLA updates it in
-place. The GPU decode kernel (issue 5) plugs in behind the same signature.
+place. ``impl="mosaic"`` runs the Mosaic GPU decode kernel (``kda_jax.kernels.decode``), which
+reads and writes each state tile once for all the new tokens; ``impl="auto"`` takes it where
+``kda_jax.kernels.decode_supports`` accepts the call and the kernel is enabled.
 """
 
 from __future__ import annotations
@@ -31,13 +33,29 @@ def decode_canonical(q, k, v, g, beta, *, scale, state):
 
 
 def kda_decode(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=False, A_log=None, dt_bias=None,
-               beta_is_logit=False, scalar_gate=False):
+               beta_is_logit=False, scalar_gate=False, impl="auto"):
     """Advance float32 ``state`` ``[B, HV, K, V]`` by the tokens of q ``[B, S, H, K]`` (S ≥ 1, small).
 
-    Arguments mean what they mean in ``kda_jax.ops.kda``; returns (o ``[B, S, HV, V]``, new state).
+    Arguments mean what they mean in ``kda_jax.ops.kda``; ``impl`` is "auto", "xla" or "mosaic".
+    Returns (o ``[B, S, HV, V]``, new state).
     """
+    from kda_jax import kernels
+
     if state is None:
         raise ValueError("state must be a float32 array [B, HV, K, V]; use zeros for a new sequence")
+    if impl not in ("auto", "xla", "mosaic"):
+        raise ValueError(f"impl must be 'auto', 'xla' or 'mosaic', got {impl!r}")
     c = canonicalize(q, k, v, g, beta, scale=scale, initial_state=state, use_qk_l2norm=use_qk_l2norm,
                      A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit, scalar_gate=scalar_gate)
+    B, S, HV, V = c.v.shape
+    why = kernels.decode_supports(c.q.shape[-1], V, S, jax.default_backend(), jax.device_count())
+    if impl == "mosaic" and why is not None:
+        raise ValueError(f"impl='mosaic' does not support this decode call: {why}")
+    if impl == "mosaic" or (impl == "auto" and kernels.DECODE_AUTO and why is None):
+        from kda_jax.kernels.decode import decode_step
+
+        f32 = lambda x: x.astype(jnp.float32)
+        o, new = decode_step(f32(expand_heads(c.q, HV)), f32(expand_heads(c.k, HV)), f32(c.v), f32(c.g),
+                             f32(c.beta), f32(c.initial_state), scale=float(c.scale))
+        return o.astype(c.v.dtype), new
     return decode_canonical(c.q, c.k, c.v, c.g, c.beta, scale=c.scale, state=c.initial_state)
