@@ -40,9 +40,9 @@ def _kda_mosaic(*args, **kwargs):
 
 registry.register("mosaic", _kda_mosaic, mosaic_supports, priority=10, auto=MOSAIC_AUTO)
 
-# The decode kernel (decode.py) is checked in interpret mode only; ``kda_decode(impl="auto")``
-# keeps the XLA path until its GPU tests pass on an H100.
-DECODE_AUTO = False
+# The decode kernel's GPU tests (tests/kernels/test_decode_kernel.py, ``-m gpu``) passed on an H100
+# at commit 69be20d and it beats the XLA path there (benchmarks/NOTES.md): ``auto`` takes it.
+DECODE_AUTO = True
 
 
 def decode_supports(K: int, V: int, tokens: int, backend: str, num_devices: int) -> str | None:

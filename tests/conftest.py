@@ -9,3 +9,8 @@ if not os.environ.get("KDA_TEST_GPU"):  # KDA_TEST_GPU=1 runs the suite on the G
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+# Pallas Mosaic GPU interpret mode keeps its simulated GPU memory in one process-global object, so
+# two interpreted kernels must never run at once; with async CPU dispatch an eagerly dispatched
+# kernel can still be running when the next one starts (seen once as a hang under pytest -n 2).
+# Set before the CPU backend is created.
+jax.config.update("jax_cpu_enable_async_dispatch", False)
