@@ -23,6 +23,12 @@ import time
 import traceback
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+# JAX caps its GPU allocator at 75% of the card by default even without preallocation (59 GiB of an
+# H100 80GB): the largest model that fits needs more. CUDA graphs (XLA command buffers) take driver
+# memory outside that pool and failed to instantiate on 2×H100 (train_small_2xH100_attempt_*.json).
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+if "xla_gpu_enable_command_buffer" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_gpu_enable_command_buffer=").strip()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -130,6 +136,7 @@ def main():
     base = get_config(args.preset, dtype="bfloat16", param_dtype=args.param_dtype, remat=args.remat,
                       moe_dispatch=args.moe_dispatch, **overrides)
     result = {"device": gpu, "device_count": jax.device_count(), "commit": sha, "jax": jax.__version__,
+              "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION")},
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "preset": args.preset,
               "args": vars(args), "runs": []}
     for name in args.variants.split(","):
