@@ -89,9 +89,17 @@ def _chunked_with_unroll(unroll):
     return f
 
 
+def _mosaic_fused_output(q, k, v, g, beta):
+    """The Mosaic path with the forward kernel that forms o itself (kernels/kda.py FUSED_OUTPUT)."""
+    from kda_jax.kernels.kda import kda_mosaic
+
+    return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, fused_output=True)[0]
+
+
 def jax_impls(unroll_ablation=False):
     impls = {"kda_jax.chunked": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="chunked")[0],
-             "kda_jax.mosaic": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="mosaic")[0]}
+             "kda_jax.mosaic": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="mosaic")[0],
+             "kda_jax.mosaic[fused_output]": _mosaic_fused_output}
     if unroll_ablation:
         impls["kda_jax.chunked[unroll=1]"] = _chunked_with_unroll(1)
     try:

@@ -9,7 +9,9 @@ document boundary inside the chunk cuts the carry):
     backward:  dS_n = dS (the gradient reaching the state at the start of chunk n+1);
                dVn_n = dVl_n + Kd_n·dS;  dS ← Qd_n + gend_n ⊙ dS − W_nᵀ·dVn_n   (reverse order)
 
-``forward_pass`` and ``reverse_pass`` run them with one CTA (one warpgroup) per
+``forward_pass`` (h, Vn and the final state, for the backward), ``output_pass`` (the same pass
+forming each chunk's output o = Qs·h + Aqk·Vn on the tensor cores, for the forward: h and Vn
+never reach HBM) and ``reverse_pass`` run them with one CTA (one warpgroup) per
 ``(value tile of BLOCK_V columns, value head, batch row)``: the state tile ``[K, BLOCK_V]`` stays
 in float32 registers for the whole sequence, each chunk's operands arrive by TMA into
 double-buffered shared memory while the previous chunk computes, and the two products per
@@ -72,18 +74,37 @@ def _check(name, x, shape, dtype):
 def forward_pass(W, U, Kd, gend, h0, *, interpret=False):
     """``(h [N,B,H,K,V] bf16, Vn [N,B,H,C,V] bf16, S_T [B,H,K,V] f32)`` from bf16 ``W, Kd
     [N,B,H,C,K]``, ``U [N,B,H,C,V]``, f32 ``gend [N,B,H,K]`` and ``h0 [B,H,K,V]``."""
+    return _forward(W, U, Kd, gend, h0, None, None, out_dtype=None, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
+def output_pass(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype=jnp.float32, interpret=False):
+    """``(o [N,B,H,C,V] out_dtype, S_T [B,H,K,V] f32)``: the forward pass that also forms each
+    chunk's output ``o = Qs·h + Aqk·Vn`` on the tensor cores, so h and Vn never reach HBM.
+    ``Qs [N,B,H,C,K]`` (= s·Q⊙Γ) and ``Aqk [N,B,H,C,C]`` bf16; the rest as ``forward_pass``."""
+    return _forward(W, U, Kd, gend, h0, Qs, Aqk, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
+
+
+def _forward(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype, interpret):
     N, B, H, C, K = W.shape
     V = U.shape[-1]
-    for name, x, shape, dt in (("W", W, (N, B, H, C, K), _BF16), ("Kd", Kd, (N, B, H, C, K), _BF16),
-                               ("U", U, (N, B, H, C, V), _BF16), ("gend", gend, (N, B, H, K), _F32),
-                               ("h0", h0, (B, H, K, V), _F32)):
+    emit_o = Qs is not None
+    checks = [("W", W, (N, B, H, C, K), _BF16), ("Kd", Kd, (N, B, H, C, K), _BF16), ("U", U, (N, B, H, C, V), _BF16),
+              ("gend", gend, (N, B, H, K), _F32), ("h0", h0, (B, H, K, V), _F32)]
+    if emit_o:
+        checks += [("Qs", Qs, (N, B, H, C, K), _BF16), ("Aqk", Aqk, (N, B, H, C, C), _BF16)]
+    for name, x, shape, dt in checks:
         _check(name, x, shape, dt)
     bv = min(BLOCK_V, V)
     if V % bv or C % 64 or K % 64:
         raise ValueError(f"state pass needs C, K multiples of 64 and V a multiple of {bv}; got C={C} K={K} V={V}")
 
-    def body(w_ref, u_ref, kd_ref, g_ref, h0_ref, h_ref, vn_ref, st_ref,
-             w_s, u_s, kd_s, g_s, s_s, vn_s, bars):
+    def body(*refs):
+        if emit_o:
+            (w_ref, u_ref, kd_ref, g_ref, h0_ref, q_ref, a_ref, o_ref, st_ref,
+             w_s, u_s, kd_s, g_s, s_s, vn_s, q_s, a_s, bars) = refs
+        else:
+            (w_ref, u_ref, kd_ref, g_ref, h0_ref, h_ref, vn_ref, st_ref, w_s, u_s, kd_s, g_s, s_s, vn_s, bars) = refs
         vt, h, b = lax.axis_index("v"), lax.axis_index("h"), lax.axis_index("b")
         cols = pl.ds(vt * bv, bv)
 
@@ -93,6 +114,9 @@ def forward_pass(W, U, Kd, gend, h0, *, interpret=False):
             plgpu.copy_gmem_to_smem(u_ref.at[n, b, h, :, cols], u_s.at[slot], bar)
             plgpu.copy_gmem_to_smem(kd_ref.at[n, b, h], kd_s.at[slot], bar)
             plgpu.copy_gmem_to_smem(g_ref.at[n, b, h], g_s.at[slot], bar)
+            if emit_o:
+                plgpu.copy_gmem_to_smem(q_ref.at[n, b, h], q_s.at[slot], bar)
+                plgpu.copy_gmem_to_smem(a_ref.at[n, b, h], a_s.at[slot], bar)
 
         fetch(0, 0)
         s0 = plgpu.load(h0_ref.at[b, h, :, cols], layout=_WG, optimized=False)
@@ -108,12 +132,17 @@ def forward_pass(W, U, Kd, gend, h0, *, interpret=False):
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)  # last chunk's stores have read s_s, vn_s
             s_s[...] = s.astype(_BF16)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(s_s, h_ref.at[n, b, h, :, cols], commit_group=False)
+            if not emit_o:
+                plgpu.copy_smem_to_gmem(s_s, h_ref.at[n, b, h, :, cols], commit_group=False)
             vn = plgpu.load(u_s.at[slot], layout=_WG, optimized=False).astype(_F32) - _mm((C, bv), (w_s.at[slot], s_s))
             vn_s[...] = vn.astype(_BF16)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(vn_s, vn_ref.at[n, b, h, :, cols], commit_group=False)
-            plgpu.commit_smem_to_gmem_group()
+            if emit_o:
+                o = _mm((C, bv), (q_s.at[slot], s_s), (a_s.at[slot], vn_s))
+                o_ref.at[n, b, h, :, cols][...] = o.astype(out_dtype)
+            else:
+                plgpu.copy_smem_to_gmem(vn_s, vn_ref.at[n, b, h, :, cols], commit_group=False)
+                plgpu.commit_smem_to_gmem_group()
             decay = plgpu.load(g_s.at[slot], layout=_ROW, optimized=False)
             return lax.broadcast_in_dim(decay, (K, bv), [0]) * s + _mm((K, bv), (kd_s.at[slot].T, vn_s))
 
@@ -121,20 +150,26 @@ def forward_pass(W, U, Kd, gend, h0, *, interpret=False):
         st_ref.at[b, h, :, cols][...] = s
         plgpu.wait_smem_to_gmem(0)
 
-    scratch = (
+    scratch = [
         _tiled((2, C, K), minor=bv),  # W (its wgmma partner is a bv-wide tile)
         _tiled((2, C, bv)),  # U
         _tiled((2, C, K), minor=bv),  # Kd
         plgpu.SMEM((2, K), _F32),  # gend
         _tiled((K, bv)),  # state entering the chunk, bf16
         _tiled((C, bv)),  # Vn
-        plgpu.Barrier(num_arrivals=4, num_barriers=2),
-    )
-    out = (jax.ShapeDtypeStruct((N, B, H, K, V), _BF16), jax.ShapeDtypeStruct((N, B, H, C, V), _BF16),
-           jax.ShapeDtypeStruct((B, H, K, V), _F32))
-    kern = _kernel(body, name="kda_state_forward", interpret=interpret, out_type=out,
-                   grid=(V // bv, H, B), grid_names=("v", "h", "b"), scratch_types=scratch)
-    return kern(W, U, Kd, gend, h0)
+    ]
+    if emit_o:
+        scratch += [_tiled((2, C, K), minor=bv), _tiled((2, C, C), minor=bv)]  # Qs, Aqk
+        out = (jax.ShapeDtypeStruct((N, B, H, C, V), out_dtype), jax.ShapeDtypeStruct((B, H, K, V), _F32))
+        args = (W, U, Kd, gend, h0, Qs, Aqk)
+    else:
+        out = (jax.ShapeDtypeStruct((N, B, H, K, V), _BF16), jax.ShapeDtypeStruct((N, B, H, C, V), _BF16),
+               jax.ShapeDtypeStruct((B, H, K, V), _F32))
+        args = (W, U, Kd, gend, h0)
+    scratch.append(plgpu.Barrier(num_arrivals=6 if emit_o else 4, num_barriers=2))
+    kern = _kernel(body, name="kda_state_output" if emit_o else "kda_state_forward", interpret=interpret,
+                   out_type=out, grid=(V // bv, H, B), grid_names=("v", "h", "b"), scratch_types=tuple(scratch))
+    return kern(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))

@@ -234,6 +234,12 @@ class ScanPasses:
         S_T, (h, Vn) = jax.lax.scan(step, h0, (W, U, Kd, gend), unroll=min(SCAN_UNROLL, W.shape[0]))
         return h, Vn, S_T
 
+    def forward_output(self, W, U, Kd, gend, h0, Qs, Aqk, out_dtype):
+        """The forward pass with the chunk outputs o = Qs·h + Aqk·Vn (Qs = s·Q⊙Γ) and the final
+        state; ``out_dtype`` is what the caller will cast o to (kernels may store it directly)."""
+        h, Vn, S_T = self.forward(W, U, Kd, gend, h0)
+        return Qs @ h.astype(Qs.dtype) + Aqk @ Vn.astype(Qs.dtype), S_T
+
     def reverse(self, dO, Aqk, Qs, Kd, W, gend, dS_T):
         """Reverse sweep carrying dS (kda_spec §4.2 step 1): (dh0, dS leaving each chunk, dVn)."""
 
@@ -275,8 +281,8 @@ def _core_fwd(q, k, v, a, beta, h0, zone, scale, passes):
     qf, kf, vf, bf, G, zones = _prepare(q, k, v, a, beta, zone)
     Aqk, T = _intra(qf, kf, bf, _Gating(G), zones, scale)
     f = _wy(kf, vf, bf, G, T, zones)
-    h, Vn, S_T = passes.forward(f["W"], f["U"], f["Kd"], f["gend"], h0.astype(qf.dtype))
-    o = scale * (qf * f["Gamma"]) @ h.astype(qf.dtype) + Aqk @ Vn.astype(qf.dtype)
+    o, S_T = passes.forward_output(f["W"], f["U"], f["Kd"], f["gend"], h0.astype(qf.dtype), scale * qf * f["Gamma"],
+                                   Aqk, v.dtype)
     return (o.astype(v.dtype), S_T.astype(h0.dtype)), (q, k, v, a, beta, h0, zone, Aqk, T)
 
 

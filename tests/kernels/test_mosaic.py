@@ -18,12 +18,12 @@ from tests.ops.helpers import GRAD_NAMES, check_against_oracle, make_inputs, rel
 on_gpu = jax.default_backend() == "gpu"
 
 
-def _mosaic(resets=None, interpret=True, segment_ids=None):
+def _mosaic(resets=None, interpret=True, fused_output=None):
     from kda_jax.kernels.kda import kda_mosaic
 
     def fn(q, k, v, g, beta, h0):
         return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, initial_state=h0, resets=resets,
-                          interpret=interpret)
+                          interpret=interpret, fused_output=fused_output)
     return fn
 
 
@@ -43,7 +43,7 @@ def _rand(shape, dtype, seed):
 
 
 def test_state_passes_equal_the_scan_passes():
-    """Both kernels against ``ScanPasses`` on the same (bf16-rounded) chunk operands."""
+    """The three kernels against ``ScanPasses`` on the same (bf16-rounded) chunk operands."""
     N, B, H, C, K, V = 3, 1, 2, 64, 64, 128
     W, U, Kd, dO, Qs = (_rand((N, B, H, C, d), jnp.bfloat16, s) * 0.2 for s, d in enumerate([K, V, K, V, K]))
     Aqk = jnp.tril(_rand((N, B, H, C, C), jnp.bfloat16, 7) * 0.1)
@@ -54,6 +54,11 @@ def test_state_passes_equal_the_scan_passes():
     got = state_pass.forward_pass(W, U, Kd, gend, h0, interpret=True)
     for name, a, b in zip(("h", "Vn", "S_T"), got, ref):
         assert rel_rmse(a, b) < 1e-2, name
+    o_ref, S_ref = chunked.SCAN.forward_output(*f32(W, U, Kd), gend, h0, *f32(Qs, Aqk), jnp.float32)
+    for out_dtype in (jnp.float32, jnp.bfloat16):
+        o, S_T = state_pass.output_pass(W, U, Kd, gend, h0, Qs, Aqk, out_dtype=out_dtype, interpret=True)
+        assert o.dtype == out_dtype
+        assert rel_rmse(o, o_ref) < 1e-2 and rel_rmse(S_T, S_ref) < 1e-2, out_dtype
     dh0, dSn, dVn = chunked.SCAN.reverse(*f32(dO, Aqk, Qs, Kd, W), gend, dS_T)
     got = state_pass.reverse_pass(dO, Aqk, Qs, Kd, W, gend, dS_T, interpret=True)
     for name, a, b in zip(("dSn", "dVn", "dh0"), got, (dSn, dVn, dh0)):
@@ -70,19 +75,20 @@ def test_state_pass_rejects_wrong_operands():
         state_pass.forward_pass(W48, W, W48, g[..., :48], jnp.zeros((1, 1, 48, 64), jnp.float32), interpret=True)
 
 
-@pytest.mark.parametrize("shape,dtype,gate", [
-    ((1, 100, 1, 1, 64, 64), jnp.float32, "normal"),      # padding (T not a multiple of 64), h0
-    ((1, 130, 1, 2, 64, 128), jnp.bfloat16, "strong"),    # GVA, V = 128, gates of -1000
-], ids=["pad-f32", "gva-bf16-strong"])
-def test_interpret_matches_float64_recurrence(shape, dtype, gate):
+@pytest.mark.parametrize("shape,dtype,gate,fused", [
+    ((1, 100, 1, 1, 64, 64), jnp.float32, "normal", False),      # padding (T not a multiple of 64), h0
+    ((1, 130, 1, 2, 64, 128), jnp.bfloat16, "strong", False),    # GVA, V = 128, gates of -1000
+    ((1, 100, 1, 2, 64, 64), jnp.bfloat16, "strong", True),      # the fused-output forward kernel
+], ids=["pad-f32", "gva-bf16-strong", "fused-output"])
+def test_interpret_matches_float64_recurrence(shape, dtype, gate, fused):
     x = make_inputs(*shape, dtype=dtype, gate=gate, seed=sum(shape))
-    check_against_oracle(_mosaic(), x, label=f"mosaic {shape}")
+    check_against_oracle(_mosaic(fused_output=fused), x, label=f"mosaic {shape}")
 
 
 def test_interpret_packed_documents():
     x = make_inputs(2, 150, 1, 1, 64, 64, dtype=jnp.bfloat16, gate="strong", seed=4)
     resets = resets_from_segment_ids(jnp.asarray(np.stack([_segments(150, [10, 70, 71]), _segments(150, [64, 140])])))
-    check_against_oracle(_mosaic(resets), x, resets=resets, label="mosaic segments")
+    check_against_oracle(_mosaic(resets, fused_output=True), x, resets=resets, label="mosaic segments")
 
 
 def test_dispatch_is_fail_closed():
@@ -120,6 +126,14 @@ GPU_SHAPES = [  # (B, T, H, HV, K, V)
 def test_gpu_matches_float64_recurrence(shape, dtype):
     x = make_inputs(*shape, dtype=dtype, seed=sum(shape))
     check_against_oracle(_mosaic(interpret=False), x, label=f"mosaic gpu {shape}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [GPU_SHAPES[0], GPU_SHAPES[1], GPU_SHAPES[3]], ids=["T2048", "T63", "T1500-gva"])
+def test_gpu_fused_output_matches_float64_recurrence(shape):
+    """The forward kernel that forms o itself (``FUSED_OUTPUT``), before it becomes the default."""
+    x = make_inputs(*shape, dtype=jnp.bfloat16, gate="strong", seed=sum(shape) + 1)
+    check_against_oracle(_mosaic(interpret=False, fused_output=True), x, label=f"mosaic fused gpu {shape}")
 
 
 @pytest.mark.gpu
