@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kda_jax import ops
+from kda_jax.inference.cache import KDACache
 from kda_jax.layers.common import Linear, param
 from kda_jax.layers.conv import ShortConv
 from kda_jax.layers.norms import GATE_ACTIVATIONS, GatedRMSNorm
@@ -85,28 +86,62 @@ class KDAMixer(nnx.Module):
     def _heads(self, x):
         return x.reshape(*x.shape[:-1], self.num_heads, self.head_dim)
 
-    def _branch(self, proj, conv_name, x, segment_ids):
-        y = proj(x)
-        if self.conv_size:
-            y, _ = getattr(self, conv_name)(y, segment_ids)
-        else:
-            y = jax.nn.silu(y)
-        return self._heads(y)
-
-    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
-        """x ``[B, T, hidden]`` (already normalised) → ``[B, T, hidden]``."""
+    def _check(self, x):
         if x.ndim != 3 or x.shape[-1] != self.hidden:
             raise ValueError(f"KDAMixer expects x of shape [B, T, {self.hidden}], got {x.shape}")
-        q = self._branch(self.q_proj, "q_conv1d", x, segment_ids)
-        k = self._branch(self.k_proj, "k_conv1d", x, segment_ids)
-        v = self._branch(self.v_proj, "v_conv1d", x, segment_ids)
-        beta = self.b_proj(x)
-        common = dict(A_log=self.A_log[...], dt_bias=self.dt_bias[...], beta_is_logit=True, use_qk_l2norm=True,
-                      segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl)
-        if self.gate == "kda":
-            o, _ = ops.kda(q, k, v, self._heads(self.f_b_proj(self.f_a_proj(x))), beta, **common)
-        else:
-            o, _ = ops.gdn(q, k, v, self.f_proj(x), beta, **common)
+
+    def _qkv(self, x, segment_ids, conv_cache):
+        """q, k, v ``[B, T, H, D]`` after the short convs, and the convs' new caches (a tuple of 3, or ())."""
+        out, caches = [], []
+        for i, (proj, conv) in enumerate(((self.q_proj, "q_conv1d"), (self.k_proj, "k_conv1d"), (self.v_proj, "v_conv1d"))):
+            y = proj(x)
+            if self.conv_size:
+                y, c = getattr(self, conv)(y, segment_ids, None if conv_cache is None else conv_cache[i])
+                caches.append(c)
+            else:
+                y = jax.nn.silu(y)
+            out.append(self._heads(y))
+        return out, tuple(caches)
+
+    def _gate_beta(self, x):
+        g = self._heads(self.f_b_proj(self.f_a_proj(x))) if self.gate == "kda" else self.f_proj(x)
+        gate_args = dict(A_log=self.A_log[...], dt_bias=self.dt_bias[...], beta_is_logit=True, use_qk_l2norm=True)
+        return g, self.b_proj(x), gate_args
+
+    def _output(self, o, x):
         gate = self._heads(self.g_b_proj(self.g_a_proj(x))) if self.output_gate != "none" else None
         o = self.o_norm(o, gate)
         return self.o_proj(o.reshape(*o.shape[:-2], -1))
+
+    def _chunked(self, x, segment_ids, final_state):
+        (q, k, v), conv = self._qkv(x, segment_ids, None)
+        g, beta, gate_args = self._gate_beta(x)
+        op = ops.kda if self.gate == "kda" else ops.gdn
+        o, S = op(q, k, v, g, beta, segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl,
+                  output_final_state=final_state, **gate_args)
+        return self._output(o, x), S, conv
+
+    def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
+        """x ``[B, T, hidden]`` (already normalised) → ``[B, T, hidden]``."""
+        self._check(x)
+        return self._chunked(x, segment_ids, False)[0]
+
+    def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, KDACache]:
+        """``__call__`` that also returns the cache after the last token: the float32 state and the
+        short convs' last inputs, both of each row's last document (earlier documents are zeroed)."""
+        self._check(x)
+        y, S, conv = self._chunked(x, segment_ids, True)
+        if conv and segment_ids is not None:  # the cache's entries, by the document they came from
+            P = self.conv_size - 1
+            seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], P, axis=1), segment_ids], axis=1)[:, -P:]
+            same = (seg == segment_ids[:, -1:])[..., None]
+            conv = tuple(jnp.where(same, c, 0) for c in conv)
+        return y, KDACache(state=S, conv=conv)
+
+    def decode(self, x: jax.Array, cache: KDACache) -> tuple[jax.Array, KDACache]:
+        """x ``[B, S, hidden]``: S new tokens after the cached ones (recurrent update, ``ops.kda_decode``)."""
+        self._check(x)
+        (q, k, v), conv = self._qkv(x, None, cache.conv if self.conv_size else None)
+        g, beta, gate_args = self._gate_beta(x)
+        o, S = ops.kda_decode(q, k, v, g, beta, cache.state, scalar_gate=self.gate != "kda", **gate_args)
+        return self._output(o, x), KDACache(state=S, conv=conv)

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kda_jax.inference.cache import MLACache
 from kda_jax.layers.common import Linear
 from kda_jax.layers.norms import RMSNorm
 
@@ -131,3 +132,41 @@ class MLAttention(nnx.Module):
         k, v = self.expand(c, k_pe)
         o = causal_attention(q, k, v, scale=self.scale, segment_ids=segment_ids, impl=self.impl)
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim))
+
+    def prefill(self, x: jax.Array, segment_ids: jax.Array | None, positions: jax.Array, max_len: int,
+                cache_dtype=jnp.bfloat16) -> tuple[jax.Array, MLACache]:
+        """``__call__`` on the prompt (expanded attention) that also writes the latent cache,
+        ``max_len`` slots (the prompt's latents in the first T, zeros after)."""
+        B, T, _ = x.shape
+        if T > max_len:
+            raise ValueError(f"the prompt ({T} tokens) is longer than the cache ({max_len})")
+        q, c, k_pe = self.project(x, positions)
+        k, v = self.expand(c, k_pe)
+        o = causal_attention(q, k, v, scale=self.scale, segment_ids=segment_ids, impl=self.impl)
+        pad = lambda a: jnp.pad(a.astype(cache_dtype), ((0, 0), (0, max_len - T), (0, 0)))
+        return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim)), MLACache(latent=pad(c), k_pe=pad(k_pe))
+
+    def decode(self, x: jax.Array, cache: MLACache, start: jax.Array, pos: jax.Array, positions: jax.Array,
+               ) -> tuple[jax.Array, MLACache]:
+        """Absorbed attention of S new tokens over the cache (kimi_linear_model §3).
+
+        ``W_UK`` is folded into the query and ``W_UV`` applied after, so the keys and values are
+        the cached 576-wide rows themselves (one KV head shared by all query heads). The new
+        tokens go to slots ``pos … pos + S − 1``; row b attends to slots ``start[b] …`` up to itself.
+        """
+        B, S, _ = x.shape
+        q, c, k_pe = self.project(x, positions)
+        latent = jax.lax.dynamic_update_slice_in_dim(cache.latent, c.astype(cache.latent.dtype), pos, axis=1)
+        kpe = jax.lax.dynamic_update_slice_in_dim(cache.k_pe, k_pe.astype(cache.k_pe.dtype), pos, axis=1)
+        w = self.kv_b_proj.kernel[...].astype(jnp.float32).reshape(self.kv_lora_rank, self.num_heads, -1)
+        w_uk, w_uv = w[..., :self.nope], w[..., self.nope:]
+        f32 = lambda a: a.astype(jnp.float32)
+        q_lat = jnp.einsum("bshn,rhn->bshr", f32(q[..., :self.nope]), w_uk)
+        scores = (jnp.einsum("bshr,btr->bsht", q_lat, f32(latent))
+                  + jnp.einsum("bshp,btp->bsht", f32(q[..., self.nope:]), f32(kpe))) * self.scale
+        slot = jnp.arange(latent.shape[1])
+        valid = (slot[None, None, :] >= start[:, None, None]) & (slot[None, None, :] <= pos + jnp.arange(S)[None, :, None])
+        p = jax.nn.softmax(jnp.where(valid[:, :, None, :], scores, -jnp.inf), axis=-1)
+        o = jnp.einsum("bshr,rhv->bshv", jnp.einsum("bsht,btr->bshr", p, f32(latent)), w_uv)
+        y = self.o_proj(o.astype(self.dtype).reshape(B, S, self.num_heads * self.v_dim))
+        return y, MLACache(latent=latent, k_pe=kpe)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from kda_jax.inference.cache import Cache
 from kda_jax.layers.common import param
 from kda_jax.layers.kda import KDAMixer
 from kda_jax.layers.mla import MLAttention
@@ -72,13 +73,31 @@ class Block(nnx.Module):
             h = self.self_attn(h, segment_ids)
         else:
             h = self.self_attn(h, segment_ids, positions)
-        x = x + h
+        return self._ffn(x + h, token_mask)
+
+    def _ffn(self, x, token_mask):
         h = self.post_attention_layernorm(x)
         if self.is_moe:
             h, stats = self.block_sparse_moe(h, token_mask)
         else:
             h, stats = self.mlp(h), None
         return x + h, stats
+
+    def prefill(self, x, segment_ids, positions, max_len, cache_dtype):
+        h = self.input_layernorm(x)
+        if self.is_kda:
+            h, cache = self.self_attn.prefill(h, segment_ids)
+        else:
+            h, cache = self.self_attn.prefill(h, segment_ids, positions, max_len, cache_dtype)
+        return self._ffn(x + h, None)[0], cache
+
+    def decode(self, x, cache, start, pos, positions):
+        h = self.input_layernorm(x)
+        if self.is_kda:
+            h, cache = self.self_attn.decode(h, cache)
+        else:
+            h, cache = self.self_attn.decode(h, cache, start, pos, positions)
+        return self._ffn(x + h, None)[0], cache
 
 
 class HybridDecoder(nnx.Module):
@@ -118,10 +137,48 @@ class HybridDecoder(nnx.Module):
             x, s = run(block, x, segment_ids, positions, token_mask)
             if s is not None:
                 stats.append(s)
+        return DecoderOutput(logits=self._logits(x), router_stats=tuple(stats))
+
+    def _logits(self, x):
+        c = self.config
         x = self.norm(x)
         head = self.embed_tokens[...].T if c.tie_word_embeddings else self.lm_head[...]
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(c.compute_dtype), preferred_element_type=jnp.float32)
-        return DecoderOutput(logits=logits, router_stats=tuple(stats))
+        return jnp.einsum("btd,dv->btv", x, head.astype(c.compute_dtype), preferred_element_type=jnp.float32)
+
+    def prefill(self, tokens: jax.Array, prompt_lengths: jax.Array, max_len: int,
+                cache_dtype=jnp.bfloat16) -> tuple[jax.Array, Cache]:
+        """Run left-padded prompts and build the inference cache.
+
+        tokens ``[B, T]``: row b holds its prompt in the last ``prompt_lengths[b]`` slots (padding
+        before it is ignored: it is a separate document). Returns the logits ``[B, T, vocab]``
+        (the next token of row b comes from position T − 1) and a ``Cache`` of ``max_len`` slots
+        whose next write position is T.
+        """
+        B, T = tokens.shape
+        if prompt_lengths.shape != (B,):
+            raise ValueError(f"prompt_lengths must have shape {(B,)}, got {prompt_lengths.shape}")
+        start = (T - prompt_lengths).astype(jnp.int32)
+        segment_ids = (jnp.arange(T)[None, :] >= start[:, None]).astype(jnp.int32)
+        positions = document_positions(segment_ids)
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.config.compute_dtype)
+        caches = []
+        for block in self.layers:
+            x, c = block.prefill(x, segment_ids, positions, max_len, cache_dtype)
+            caches.append(c)
+        return self._logits(x), Cache(layers=tuple(caches), start=start, pos=jnp.asarray(T, jnp.int32))
+
+    def decode(self, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
+        """S new tokens ``[B, S]`` per row after the cached ones → (logits ``[B, S, vocab]``, cache)."""
+        B, S = tokens.shape
+        if cache.start.shape != (B,):
+            raise ValueError(f"tokens have batch {B}, the cache {cache.start.shape[0]}")
+        positions = cache.pos + jnp.arange(S)[None, :] - cache.start[:, None]
+        x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.config.compute_dtype)
+        caches = []
+        for block, c in zip(self.layers, cache.layers):
+            x, c = block.decode(x, c, cache.start, cache.pos, positions)
+            caches.append(c)
+        return self._logits(x), Cache(layers=tuple(caches), start=cache.start, pos=cache.pos + S)
 
     def update_router_biases(self, loads, rate: float) -> None:
         """Aux-loss-free balancing: nudge each MoE layer's correction bias by the sign of its load error.

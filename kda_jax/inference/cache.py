@@ -1,0 +1,67 @@
+"""Inference caches of the hybrid model and their byte accounting (kimi_linear_model §2.3–§3).
+
+Per layer: a KDA (or GDN) layer keeps its float32 recurrent state ``[B, H, K, V]`` and the last
+``W − 1`` inputs of each of its three short convolutions ``[B, W − 1, H·K]`` — constant in the
+context length; an MLA layer keeps, per token, the normalised compressed latent (``kv_lora_rank``
+= 512) and the shared RoPE/NoPE key part (``qk_rope_head_dim`` = 64), preallocated to a maximum
+length. ``Cache`` adds each row's first valid slot (prompts are left-padded) and the next write
+position, the same for every row.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+
+@struct.dataclass
+class KDACache:
+    state: jax.Array          # [B, H, K, V] float32
+    conv: tuple = ()          # (q, k, v) conv inputs [B, W-1, H*K], () without short convs
+
+
+@struct.dataclass
+class MLACache:
+    latent: jax.Array         # [B, max_len, kv_lora_rank]
+    k_pe: jax.Array           # [B, max_len, qk_rope_head_dim]
+
+
+@struct.dataclass
+class Cache:
+    layers: tuple             # one KDACache or MLACache per layer
+    start: jax.Array          # [B] int32: the first slot of each row's prompt
+    pos: jax.Array            # () int32: where the next token is written
+
+    @property
+    def max_len(self) -> int:
+        return next((c.latent.shape[1] for c in self.layers if isinstance(c, MLACache)), 0)
+
+
+def cache_bytes(config, seq_len: int, batch: int, cache_dtype=jnp.bfloat16, conv_dtype=None) -> dict[str, int]:
+    """Bytes of the inference cache for ``batch`` sequences of ``seq_len`` tokens.
+
+    ``kda_state``: float32 states of the KDA/GDN layers; ``conv``: their short-conv inputs
+    (``conv_dtype``, default the model's compute dtype); ``mla_latent``: latent + shared key part
+    per token of the MLA layers (``cache_dtype``); ``total``. Call it on the ``mla_only`` twin
+    (``kda_jax.models.variant``) for the comparison.
+    """
+    if seq_len < 0 or batch < 0:
+        raise ValueError(f"seq_len and batch must be >= 0, got {seq_len}, {batch}")
+    n_kda = sum(config.is_kda_layer(i) for i in range(config.num_hidden_layers))
+    n_mla = config.num_hidden_layers - n_kda
+    H, D, W = config.kda_num_heads, config.kda_head_dim, config.short_conv_kernel_size
+    conv_item = jnp.dtype(conv_dtype or config.compute_dtype).itemsize
+    out = {
+        "kda_state": n_kda * batch * H * D * D * 4,
+        "conv": n_kda * batch * 3 * max(W - 1, 0) * H * D * conv_item,
+        "mla_latent": n_mla * batch * seq_len * (config.kv_lora_rank + config.qk_rope_head_dim)
+                      * jnp.dtype(cache_dtype).itemsize,
+    }
+    out["total"] = sum(out.values())
+    return out
+
+
+def tree_bytes(tree) -> int:
+    """Bytes of every array in a pytree (an independent count for ``cache_bytes``)."""
+    return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))

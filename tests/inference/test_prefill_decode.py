@@ -1,0 +1,94 @@
+"""Prefill + decode with caches against one forward pass over the whole sequence."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from kda_jax.inference import cache_bytes, tree_bytes
+from kda_jax.layers import MLAttention
+from kda_jax.models import HybridDecoder, get_config, variant
+from tests.ops.helpers import rel_rmse
+
+
+def _model(name):
+    cfg = get_config("tiny", dtype="float32")
+    return HybridDecoder(cfg if name == "hybrid" else variant(cfg, name), rngs=nnx.Rngs(3))
+
+
+@pytest.mark.parametrize("name", ["hybrid", "mla_only", "gdn_hybrid"])
+@pytest.mark.parametrize("steps", [(1, 1, 1, 1), (3, 1, 2)], ids=["one-token", "multi-token"])
+def test_prefill_then_decode_equals_one_forward(name, steps):
+    m = _model(name)
+    T, k = 19, sum(steps)
+    toks = jnp.asarray(np.random.default_rng(len(steps)).integers(0, m.config.vocab_size, (2, T + k)), jnp.int32)
+    full = m(toks).logits
+    logits, cache = m.prefill(toks[:, :T], jnp.full((2,), T), max_len=32, cache_dtype=jnp.float32)
+    assert rel_rmse(logits, full[:, :T]) < 1e-4
+    decode = nnx.jit(lambda m, t, c: m.decode(t, c), donate_argnums=2)
+    t = T
+    for s in steps:
+        out, cache = decode(m, toks[:, t:t + s], cache)
+        assert rel_rmse(out, full[:, t:t + s]) < 1e-4, (name, t, s)
+        t += s
+    assert int(cache.pos) == T + k
+
+
+def test_prompts_of_different_lengths_equal_each_alone():
+    m = _model("hybrid")
+    rng = np.random.default_rng(7)
+    lengths, T, k = [5, 12, 2], 12, 3
+    prompts = [rng.integers(0, m.config.vocab_size, n) for n in lengths]
+    nxt = rng.integers(0, m.config.vocab_size, (3, k))
+    batch = np.zeros((3, T), np.int32)
+    for i, p in enumerate(prompts):
+        batch[i, T - len(p):] = p
+    logits, cache = m.prefill(jnp.asarray(batch), jnp.asarray(lengths), max_len=T + k, cache_dtype=jnp.float32)
+    outs = [logits[:, -1]]
+    for j in range(k):
+        lj, cache = m.decode(jnp.asarray(nxt[:, j:j + 1], jnp.int32), cache)
+        outs.append(lj[:, 0])
+    for i, p in enumerate(prompts):
+        alone = m(jnp.asarray(np.concatenate([p, nxt[i]])[None], jnp.int32)).logits[0]
+        ref = alone[len(p) - 1:]
+        got = jnp.stack([o[i] for o in outs])
+        assert rel_rmse(got, ref) < 1e-4, f"prompt {i} (length {len(p)})"
+
+
+@pytest.mark.parametrize("use_rope", [False, True], ids=["nope", "rope"])
+def test_absorbed_mla_decode_equals_expanded_attention(use_rope):
+    mla = MLAttention(48, 3, rngs=nnx.Rngs(0), kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                      v_head_dim=12, use_rope=use_rope)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 9, 48)), jnp.float32)
+    full = mla(x)
+    pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    y, cache = mla.prefill(x[:, :6], None, pos[:, :6], max_len=16, cache_dtype=jnp.float32)
+    start = jnp.zeros((2,), jnp.int32)
+    y2, cache = mla.decode(x[:, 6:], cache, start, jnp.asarray(6), pos[:, 6:])
+    assert rel_rmse(jnp.concatenate([y, y2], 1), full) < 1e-5
+
+
+def test_cache_bytes_match_the_arrays_and_the_papers_reduction():
+    for name in ("hybrid", "mla_only", "gdn_hybrid"):
+        m = _model(name)
+        _, cache = m.prefill(jnp.zeros((3, 10), jnp.int32), jnp.full((3,), 10), max_len=24)
+        counted = cache_bytes(m.config, seq_len=24, batch=3)
+        arrays = sum(tree_bytes(c) for c in cache.layers)
+        assert counted["total"] == arrays, name
+        assert counted["kda_state"] + counted["conv"] == sum(tree_bytes(c) for c in cache.layers if hasattr(c, "state"))
+    big = get_config("kimi_linear_48b_a3b")
+    hyb, mla = cache_bytes(big, 1 << 20, 1), cache_bytes(variant(big, "mla_only"), 1 << 20, 1)
+    assert mla["kda_state"] == 0 and hyb["mla_latent"] * 27 == mla["mla_latent"] * 7
+    assert round(100 * (1 - hyb["total"] / mla["total"])) == 74
+
+
+def test_cache_errors_name_the_problem():
+    m = _model("hybrid")
+    with pytest.raises(ValueError, match="longer than the cache"):
+        m.prefill(jnp.zeros((1, 10), jnp.int32), jnp.full((1,), 10), max_len=8)
+    with pytest.raises(ValueError, match="prompt_lengths must have shape"):
+        m.prefill(jnp.zeros((2, 10), jnp.int32), jnp.full((3,), 10), max_len=16)
+    with pytest.raises(ValueError, match="seq_len and batch"):
+        cache_bytes(m.config, -1, 1)
+    assert jax.tree.leaves(m.prefill(jnp.zeros((1, 4), jnp.int32), jnp.full((1,), 4), max_len=8)[1])
