@@ -8,7 +8,7 @@ PYTHON312 := $(shell for c in "python3.12" "env PYENV_VERSION=3.12.1 python3.12"
 	if $$c -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then echo "$$c"; break; fi; done)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all test-gpu bench clean train
+.PHONY: install test test-all test-gpu bench clean train generate
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z '$(PYTHON312)' ]; then echo "Python 3.12 not found (tried python3.12 and PYENV_VERSION=3.12.1 python3.12)"; exit 1; fi
@@ -33,10 +33,14 @@ bench:  ## on a CUDA machine: op benchmarks, JSON to benchmarks/results/
 
 RUN ?= shakespeare_small
 WORKDIR ?= runs/$(RUN)
+PROMPT ?= ROMEO:
 TRAIN_ARGS ?=
 
 train: data  ## the default run (configs/experiments/$(RUN).gin) into $(WORKDIR); resumes if it exists
 	$(PY) -m kda_jax.train --gin_file=configs/experiments/$(RUN).gin --workdir=$(WORKDIR) $(TRAIN_ARGS)
+
+generate: ## sample from the default run's newest checkpoint (make train first)
+	$(PY) -m kda_jax.inference.generate --workdir=$(WORKDIR) --prompt "$(PROMPT)" $(GEN_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -92,7 +92,7 @@ def train(run: RunConfig, workdir, *, progress: bool = True) -> dict:
             bar.update(1)
         bar.close()
         if t.sample_tokens and state is not None:
-            text = sample_text(trainer, state, tokenizer, t.sample_prompt, t.sample_tokens, window=run.data.seq_len,
+            text = sample_text(trainer, state, tokenizer, t.sample_prompt, t.sample_tokens,
                                temperature=t.sample_temperature, seed=t.seed)
             writer.write_text(t.steps, "sample", text)
             summary["sample"] = text

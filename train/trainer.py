@@ -85,18 +85,12 @@ class Trainer:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bits_per_token": loss / math.log(2)}
 
 
-def sample_text(trainer: Trainer, state, tokenizer, prompt: str, num_tokens: int, *, window: int,
-                temperature: float = 0.8, seed: int = 0) -> str:
-    """Sample with a full forward over a sliding window (the inference package adds cached decoding)."""
+def sample_text(trainer: Trainer, state, tokenizer, prompt: str, num_tokens: int, *, temperature: float = 0.8,
+                seed: int = 0) -> str:
+    """The prompt and ``num_tokens`` sampled after it, with cached decoding (``kda_jax.inference``)."""
+    from kda_jax.inference import Generator, Sampling
+
     model = trainer.model(jax.device_get(state))
-    logits_at = jax.jit(lambda m, toks, i: m(toks).logits[0, i])
     ids = list(tokenizer.encode(prompt)) or [0]
-    key = jax.random.key(seed)
-    for _ in range(num_tokens):
-        ctx = ids[-window:]
-        toks = jnp.asarray([ctx + [0] * (window - len(ctx))], jnp.int32)
-        logits = logits_at(model, toks, len(ctx) - 1)
-        key, sub = jax.random.split(key)
-        nxt = int(jnp.argmax(logits)) if temperature <= 0 else int(jax.random.categorical(sub, logits / temperature))
-        ids.append(nxt)
-    return tokenizer.decode(ids)
+    gen = Generator(model, max_len=-(-len(ids) // 64) * 64 + num_tokens, sampling=Sampling(temperature=temperature))
+    return tokenizer.decode(ids + gen.generate([ids], num_tokens, seed=seed)[0])

@@ -1,5 +1,15 @@
 """Inference: caches, prefill and decode of the hybrid model, sampling and generation."""
 
 from kda_jax.inference.cache import Cache, KDACache, MLACache, cache_bytes, tree_bytes
+from kda_jax.inference.sampling import Sampling, sample
 
-__all__ = ["Cache", "KDACache", "MLACache", "cache_bytes", "tree_bytes"]
+
+def __getattr__(name):  # Generator imports flax.nnx jit machinery; the layers import this package
+    if name == "Generator":
+        from kda_jax.inference.generator import Generator
+
+        return Generator
+    raise AttributeError(name)
+
+
+__all__ = ["Cache", "KDACache", "MLACache", "cache_bytes", "tree_bytes", "Sampling", "sample", "Generator"]
