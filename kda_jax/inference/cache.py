@@ -62,6 +62,23 @@ def cache_bytes(config, seq_len: int, batch: int, cache_dtype=jnp.bfloat16, conv
     return out
 
 
+def empty_cache(config, batch: int, max_len: int, *, pos: int = 0, cache_dtype=jnp.bfloat16) -> Cache:
+    """A zero cache as ``HybridDecoder.prefill`` would leave it (every row's prompt from slot 0,
+    next write at ``pos``): for benchmarks that need a long context without running its prefill."""
+    layers = []
+    width = config.kda_num_heads * config.kda_head_dim
+    P = max(config.short_conv_kernel_size - 1, 0)
+    for i in range(config.num_hidden_layers):
+        if config.is_kda_layer(i):
+            conv = tuple(jnp.zeros((batch, P, width), config.compute_dtype) for _ in range(3)) if P else ()
+            D = config.kda_head_dim
+            layers.append(KDACache(state=jnp.zeros((batch, config.kda_num_heads, D, D), jnp.float32), conv=conv))
+        else:
+            layers.append(MLACache(latent=jnp.zeros((batch, max_len, config.kv_lora_rank), cache_dtype),
+                                   k_pe=jnp.zeros((batch, max_len, config.qk_rope_head_dim), cache_dtype)))
+    return Cache(layers=tuple(layers), start=jnp.zeros((batch,), jnp.int32), pos=jnp.asarray(pos, jnp.int32))
+
+
 def tree_bytes(tree) -> int:
     """Bytes of every array in a pytree (an independent count for ``cache_bytes``)."""
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kda_jax.inference import cache_bytes, tree_bytes
+from kda_jax.inference import cache_bytes, empty_cache, tree_bytes
 from kda_jax.layers import MLAttention
 from kda_jax.models import HybridDecoder, get_config, variant
 from tests.ops.helpers import rel_rmse
@@ -77,6 +77,8 @@ def test_cache_bytes_match_the_arrays_and_the_papers_reduction():
         arrays = sum(tree_bytes(c) for c in cache.layers)
         assert counted["total"] == arrays, name
         assert counted["kda_state"] + counted["conv"] == sum(tree_bytes(c) for c in cache.layers if hasattr(c, "state"))
+        empty = empty_cache(m.config, 3, 24, pos=10)
+        assert jax.tree.map(lambda a: (a.shape, a.dtype), empty) == jax.tree.map(lambda a: (a.shape, a.dtype), cache)
     big = get_config("kimi_linear_48b_a3b")
     hyb, mla = cache_bytes(big, 1 << 20, 1), cache_bytes(variant(big, "mla_only"), 1 << 20, 1)
     assert mla["kda_state"] == 0 and hyb["mla_latent"] * 27 == mla["mla_latent"] * 7

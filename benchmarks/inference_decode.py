@@ -1,0 +1,168 @@
+"""Long-context inference of the hybrid vs its ``mla_only`` twin, side by side on one GPU.
+
+For each variant: prefill time of one sequence at each context (``HybridDecoder.prefill``,
+jitted, median of ``--repeats``); decode tokens/s at each context with batch 1 and with the
+batch that fills ``--fill_gib`` of cache memory (the same budget for both variants, so the
+hybrid's smaller cache buys a larger batch); cache bytes per sequence (``cache_bytes``).
+Decode runs on a zero cache of the right shape positioned at the context length
+(``empty_cache``): decode cost does not depend on the cached values.
+
+    python benchmarks/inference_decode.py --preset scaling_653m --contexts 4096,32768,131072 \\
+        --out benchmarks/results/inference_<gpu>.json
+    python benchmarks/inference_decode.py --plot benchmarks/results/inference_<gpu>.json   # PNG beside it
+
+Writes JSON incrementally and prints a table; ``--plot`` draws tokens/s against context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import statistics
+import subprocess
+import time
+import traceback
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from kda_jax.inference import cache_bytes, empty_cache  # noqa: E402
+from kda_jax.models import HybridDecoder, count_params, get_config, variant  # noqa: E402
+
+
+def _median_time(fn, repeats):
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn())
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def measure(model, config, ctx, args):
+    rec = {"context": ctx}
+    max_len = ctx + args.decode_steps
+    per_seq = cache_bytes(config, max_len, 1)
+    rec["cache_bytes_per_seq"] = per_seq
+    if not args.no_prefill:
+        prefill = nnx.jit(lambda m, t, n: m.prefill(t, n, max_len)[0][:, -1])
+        toks = jnp.asarray(np.random.default_rng(ctx).integers(0, config.vocab_size, (1, ctx)), jnp.int32)
+        n = jnp.asarray([ctx])
+        t0 = time.perf_counter()
+        jax.block_until_ready(prefill(model, toks, n))
+        rec["prefill_compile_s"] = time.perf_counter() - t0
+        rec["prefill_s"] = _median_time(lambda: prefill(model, toks, n), args.repeats)
+        rec["prefill_tokens_per_s"] = ctx / rec["prefill_s"]
+    step = nnx.jit(lambda m, t, c: m.decode(t, c), donate_argnums=2)
+    fill = int(args.fill_gib * 2**30 // per_seq["total"])
+    for label, batch in (("batch1", 1), ("filled", max(fill, 1))):
+        cache = empty_cache(config, batch, max_len, pos=ctx)
+        tok = jnp.zeros((batch, 1), jnp.int32)
+        logits, cache = step(model, tok, cache)  # compile
+        jax.block_until_ready(logits)
+        t0 = time.perf_counter()
+        for _ in range(args.decode_steps - 1):
+            logits, cache = step(model, tok, cache)
+        jax.block_until_ready(logits)
+        dt = (time.perf_counter() - t0) / (args.decode_steps - 1)
+        rec[label] = {"batch": batch, "step_s": dt, "tokens_per_s": batch / dt}
+        del cache
+    return rec
+
+
+def run(args):
+    gpu = jax.devices()[0].device_kind
+    sha = os.environ.get("KDA_JAX_SHA") or subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                                                          text=True).stdout.strip()
+    base = get_config(args.preset, dtype=args.dtype, param_dtype=args.dtype)
+    result = {"benchmark": "inference_decode", "gpu": gpu, "commit": sha, "jax": jax.__version__,
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "args": vars(args), "variants": {}}
+    out = args.out or f"benchmarks/results/inference_{args.preset}_{gpu.replace(' ', '_')}.json"
+    for name in args.variants.split(","):
+        config = base if name == "hybrid" else variant(base, name)
+        model = HybridDecoder(config, rngs=nnx.Rngs(0))
+        total, active = count_params(config)
+        runs = result["variants"].setdefault(name, {"params_total": total, "params_activated": active, "runs": []})
+        for ctx in (int(c) for c in args.contexts.split(",")):
+            try:
+                rec = measure(model, config, ctx, args)
+            except Exception as e:  # out of memory at a long context: record it and go on
+                rec = {"context": ctx, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+                traceback.print_exc()
+            runs["runs"].append(rec)
+            print(json.dumps({name: rec}), flush=True)
+            os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+            with open(out, "w") as f:
+                json.dump(result, f, indent=1)
+        del model
+    table(result)
+    print(f"wrote {out}")
+
+
+def table(result):
+    print(f"\n{result['gpu']}, {result['args']['preset']}: decode tokens/s (batch) and prefill s")
+    print(f"{'variant':10} {'context':>8} {'prefill s':>10} {'tok/s b=1':>10} {'tok/s filled':>14} {'cache MB/seq':>13}")
+    for name, v in result["variants"].items():
+        for r in v["runs"]:
+            if "error" in r:
+                print(f"{name:10} {r['context']:>8} {r['error'][:60]}")
+                continue
+            pre = f"{r['prefill_s']:.3f}" if "prefill_s" in r else "-"
+            print(f"{name:10} {r['context']:>8} {pre:>10} {r['batch1']['tokens_per_s']:10.1f} "
+                  f"{r['filled']['tokens_per_s']:9.1f} ({r['filled']['batch']:>3}) "
+                  f"{r['cache_bytes_per_seq']['total'] / 2**20:13.1f}")
+
+
+def plot(path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    result = json.load(open(path))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for ax, label in zip(axes, ("batch1", "filled")):
+        for name, v in result["variants"].items():
+            runs = [r for r in v["runs"] if label in r]
+            ax.plot([r["context"] for r in runs], [r[label]["tokens_per_s"] for r in runs], "o-", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("decode tokens/s")
+        ax.set_title("batch 1" if label == "batch1" else f"batch filling {result['args']['fill_gib']} GiB of cache")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{result['args']['preset']} on {result['gpu']}")
+    fig.tight_layout()
+    png = os.path.splitext(path)[0] + ".png"
+    fig.savefig(png, dpi=120)
+    print(f"wrote {png}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="scaling_653m")
+    ap.add_argument("--variants", default="hybrid,mla_only")
+    ap.add_argument("--contexts", default="4096,32768,131072")
+    ap.add_argument("--decode_steps", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--fill_gib", type=float, default=40.0, help="cache memory the filled batch may use")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--no_prefill", action="store_true")
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None, help="draw the PNG of a result file and exit")
+    args = ap.parse_args()
+    if args.plot:
+        plot(args.plot)
+    else:
+        run(args)
+
+
+if __name__ == "__main__":
+    main()
