@@ -1,6 +1,7 @@
 """Inference: caches, prefill and decode of the hybrid model, sampling and generation."""
 
-from kda_jax.inference.cache import Cache, KDACache, MLACache, cache_bytes, empty_cache, tree_bytes
+from kda_jax.inference.cache import (Cache, KDACache, MLACache, cache_bytes, cache_shardings, empty_cache,
+                                     tree_bytes)
 from kda_jax.inference.sampling import Sampling, sample
 
 
@@ -12,4 +13,4 @@ def __getattr__(name):  # Generator imports flax.nnx jit machinery; the layers i
     raise AttributeError(name)
 
 
-__all__ = ["Cache", "KDACache", "MLACache", "cache_bytes", "empty_cache", "tree_bytes", "Sampling", "sample", "Generator"]
+__all__ = ["Cache", "KDACache", "MLACache", "cache_bytes", "cache_shardings", "empty_cache", "tree_bytes", "Sampling", "sample", "Generator"]

@@ -79,6 +79,28 @@ def empty_cache(config, batch: int, max_len: int, *, pos: int = 0, cache_dtype=j
     return Cache(layers=tuple(layers), start=jnp.zeros((batch,), jnp.int32), pos=jnp.asarray(pos, jnp.int32))
 
 
+def cache_shardings(cache: Cache, mesh, rules=None) -> Cache:
+    """NamedShardings for ``cache`` that follow the model's rules (``kda_jax.models.sharding``):
+    rows over the batch axes, KDA heads and conv channels over ``heads``; the latent rows are split
+    by row only (they are one KV head shared by every query head)."""
+    from jax.sharding import NamedSharding
+
+    from kda_jax.models.sharding import _fit, logical_to_mesh
+
+    def named(x, axes):
+        return NamedSharding(mesh, _fit(logical_to_mesh(axes, rules), x.shape, mesh))
+
+    layers = []
+    for c in cache.layers:
+        if isinstance(c, KDACache):
+            layers.append(KDACache(state=named(c.state, ("batch", "heads", None, None)),
+                                   conv=tuple(named(x, ("batch", None, "heads")) for x in c.conv)))
+        else:
+            layers.append(MLACache(latent=named(c.latent, ("batch", "length", "kv_lora")),
+                                   k_pe=named(c.k_pe, ("batch", "length", None))))
+    return Cache(layers=tuple(layers), start=named(cache.start, ("batch",)), pos=named(cache.pos, ()))
+
+
 def tree_bytes(tree) -> int:
     """Bytes of every array in a pytree (an independent count for ``cache_bytes``)."""
     return sum(int(x.size) * x.dtype.itemsize for x in jax.tree.leaves(tree))

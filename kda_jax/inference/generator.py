@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from kda_jax.inference.cache import cache_shardings
 from kda_jax.inference.sampling import Sampling, sample
 
 
@@ -20,15 +21,18 @@ class Generator:
     """Generate from a ``HybridDecoder`` for batches of prompts of different lengths.
 
     Prompts are left-padded to a multiple of ``pad_multiple`` (so few prompt lengths compile),
-    the cache holds ``max_len`` slots; decoding compiles once and updates the cache in place.
+    the cache holds ``max_len`` slots; decoding compiles once and updates the cache in place. With
+    ``mesh`` (a model created sharded on it) the cache is sharded by ``cache_shardings``.
     """
 
     def __init__(self, model, *, max_len: int, sampling: Sampling = Sampling(), cache_dtype=jnp.bfloat16,
-                 pad_multiple: int = 64):
+                 pad_multiple: int = 64, mesh=None):
         self.model, self.max_len, self.sampling, self.pad_multiple = model, max_len, sampling, pad_multiple
 
         def prefill(m, tokens, lengths, key):
             logits, cache = m.prefill(tokens, lengths, max_len, cache_dtype)
+            if mesh is not None:  # a sharded model: shard the cache the same way (``cache_shardings``)
+                cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
             return sample(logits[:, -1], key, sampling), cache
 
         def step(m, tokens, cache, key):
