@@ -56,6 +56,7 @@ def test_generator_greedy_equals_full_forward_and_stops():
         gen.generate(prompts, 70)
     sampler = Generator(m, max_len=80, sampling=Sampling(temperature=1.0), pad_multiple=16)
     assert sampler.generate(prompts, 6, seed=4) == sampler.generate(prompts, 6, seed=4)
+    assert gen._step.jitted_fn._cache_size() == 1  # one decode compile for every step and call
 
 
 def test_generate_command_from_a_training_workdir(tmp_path, capsys):
