@@ -14,7 +14,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from kda_jax.kernels import state_pass
-from kda_jax.ops.chunked import kda_chunked
+from kda_jax.ops.chunked import chunk_outputs, kda_chunked
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 # ``output_pass`` (the forward state pass that also forms o) is checked in interpret mode only; the
@@ -36,7 +36,7 @@ class MosaicPasses:
     def forward_output(self, W, U, Kd, gend, h0, Qs, Aqk, out_dtype):
         if not self.fused_output:
             h, Vn, S_T = self.forward(W, U, Kd, gend, h0)
-            return Qs @ h.astype(Qs.dtype) + Aqk @ Vn.astype(Qs.dtype), S_T
+            return chunk_outputs(Qs, Aqk, h, Vn), S_T
         out = jnp.bfloat16 if jnp.dtype(out_dtype) == jnp.dtype(_BF16) else _F32
         return state_pass.output_pass(W.astype(_BF16), U.astype(_BF16), Kd.astype(_BF16), gend.astype(_F32),
                                       h0.astype(_F32), Qs.astype(_BF16), Aqk.astype(_BF16), out_dtype=out,

@@ -219,6 +219,11 @@ def _wy(kf, vf, beta, G, T, zones: _Zones):
     return dict(Gamma=Gamma, E=E, gend=gend, Kb=Kb, W=W, U=U, Kd=kf * E)
 
 
+def chunk_outputs(Qs, Aqk, h, Vn):
+    """o = Qs·h + Aqk·Vn per chunk (inter-chunk part from the state h, intra-chunk part from Vn)."""
+    return Qs @ h.astype(Qs.dtype) + Aqk @ Vn.astype(Qs.dtype)
+
+
 class ScanPasses:
     """The two serial passes over the chunks as ``lax.scan`` (XLA); ``kda_jax.kernels`` gives GPU
     kernels with the same interface. Chunk-major arrays ``[N, B, HV, C, D]``."""
@@ -238,7 +243,7 @@ class ScanPasses:
         """The forward pass with the chunk outputs o = Qs·h + Aqk·Vn (Qs = s·Q⊙Γ) and the final
         state; ``out_dtype`` is what the caller will cast o to (kernels may store it directly)."""
         h, Vn, S_T = self.forward(W, U, Kd, gend, h0)
-        return Qs @ h.astype(Qs.dtype) + Aqk @ Vn.astype(Qs.dtype), S_T
+        return chunk_outputs(Qs, Aqk, h, Vn), S_T
 
     def reverse(self, dO, Aqk, Qs, Kd, W, gend, dS_T):
         """Reverse sweep carrying dS (kda_spec §4.2 step 1): (dh0, dS leaving each chunk, dVn)."""
