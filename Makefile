@@ -26,7 +26,7 @@ test-all: install  ## include slow tests
 	$(PY) -m pytest -n 2 -q -m "not gpu" $(PYTEST_ARGS)
 
 test-gpu:  ## on a CUDA machine: the GPU-marked tests
-	python3 -m pytest -q -m gpu $(PYTEST_ARGS)
+	KDA_TEST_GPU=1 python3 -m pytest -q -m gpu $(PYTEST_ARGS)
 
 bench:  ## on a CUDA machine: op benchmarks, JSON to benchmarks/results/
 	python3 benchmarks/kda_kernels.py
