@@ -26,11 +26,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-BLOCK_V = 64
-_WG = plgpu.Layout.WGMMA
-_ROW = plgpu.Layout.WGMMA.reduce(1)  # a vector over K (the rows of the state tile)
-_COL = plgpu.Layout.WGMMA.reduce(0)  # a vector over V (its columns)
-_F32 = jnp.float32
+from kda_jax.kernels.state_pass import _F32, _ROW, _WG, BLOCK_V, _kernel
+
+_COL = plgpu.Layout.WGMMA.reduce(0)  # a vector over V (the columns of the state tile)
 
 
 def _check(name, x, shape):
@@ -71,12 +69,8 @@ def decode_step(q, k, v, g, beta, state, *, scale, interpret=False):
             plgpu.copy_smem_to_gmem(o_smem.at[t], o_ref.at[b, t, h, cols])
         plgpu.wait_smem_to_gmem(0)
 
-    params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=False)
     state_ref = jax.new_ref(state)
-    o = plgpu.kernel(
-        body, kernel_name="kda_decode_step", compiler_params=params, grid=(V // BLOCK_V, H, B),
-        grid_names=("v", "h", "b"), out_type=jax.ShapeDtypeStruct((B, S, H, V), _F32),
-        scratch_types=[plgpu.SMEM((S, BLOCK_V), _F32)],
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
-    )(q, k, bk, bvv, decay, state_ref)
+    o = _kernel(body, name="kda_decode_step", interpret=interpret, grid=(V // BLOCK_V, H, B),
+                grid_names=("v", "h", "b"), out_type=jax.ShapeDtypeStruct((B, S, H, V), _F32),
+                scratch_types=[plgpu.SMEM((S, BLOCK_V), _F32)])(q, k, bk, bvv, decay, state_ref)
     return o, state_ref[...]

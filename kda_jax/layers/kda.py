@@ -141,7 +141,7 @@ class KDAMixer(nnx.Module):
     def decode(self, x: jax.Array, cache: KDACache) -> tuple[jax.Array, KDACache]:
         """x ``[B, S, hidden]``: S new tokens after the cached ones (recurrent update, ``ops.kda_decode``)."""
         self._check(x)
-        (q, k, v), conv = self._qkv(x, None, cache.conv if self.conv_size else None)
+        (q, k, v), conv = self._qkv(x, None, cache.conv)
         g, beta, gate_args = self._gate_beta(x)
         o, S = ops.kda_decode(q, k, v, g, beta, cache.state, scalar_gate=self.gate != "kda", **gate_args)
         return self._output(o, x), KDACache(state=S, conv=conv)
