@@ -15,6 +15,7 @@ Writes JSON incrementally (one record per variant × device count) and prints a 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -57,9 +58,9 @@ def _gib(x):
     return round(x / 2**30, 3)
 
 
-def measure(config, args, n_devices, rec):
-    """Compile ahead of time (recording compile times and XLA's memory analysis in ``rec`` first,
-    so a failed run still says why), refuse a step that cannot fit, then time ``args.steps`` steps."""
+def compile_run(config, args, n_devices, rec):
+    """Build and compile ahead of time, recording compile times and XLA's memory analysis in ``rec``
+    first (so a failed run still says why). Thread-safe: variants may compile concurrently."""
     devices = jax.devices()[:n_devices]
     rec["devices"] = n_devices
     mesh = make_mesh(MeshConfig(data=1, fsdp=n_devices, tensor=1, expert=1), devices)
@@ -74,17 +75,25 @@ def measure(config, args, n_devices, rec):
         t0 = time.perf_counter()
         step = trainer.step.lower(trainer.abstract_state, abs_batch).compile()
         rec["compile_step_s"] = time.perf_counter() - t0
-        mi, ms = init.memory_analysis(), step.memory_analysis()
-        limit = (devices[0].memory_stats() or {}).get("bytes_limit")
-        rec["memory_gib"] = {"init_temp": _gib(mi.temp_size_in_bytes), "init_out": _gib(mi.output_size_in_bytes),
-                             "step_args": _gib(ms.argument_size_in_bytes), "step_temp": _gib(ms.temp_size_in_bytes),
-                             "device_limit": None if limit is None else _gib(limit)}
-        print(f"{rec['variant']} x{n_devices}: compiled in {rec['compile_init_s']:.0f} + {rec['compile_step_s']:.0f} s, "
-              f"memory (GiB, per device) {rec['memory_gib']}", flush=True)
-        need = ms.argument_size_in_bytes + ms.temp_size_in_bytes
-        if limit is not None and need > limit:
-            raise MemoryError(f"the step needs {need / 2**30:.1f} GiB per device (arguments + temporaries), "
-                              f"the device has {limit / 2**30:.1f} GiB")
+    mi, ms = init.memory_analysis(), step.memory_analysis()
+    limit = (devices[0].memory_stats() or {}).get("bytes_limit")
+    rec["memory_gib"] = {"init_temp": _gib(mi.temp_size_in_bytes), "init_out": _gib(mi.output_size_in_bytes),
+                         "step_args": _gib(ms.argument_size_in_bytes), "step_temp": _gib(ms.temp_size_in_bytes),
+                         "device_limit": None if limit is None else _gib(limit)}
+    print(f"{rec['variant']} x{n_devices}: compiled in {rec['compile_init_s']:.0f} + {rec['compile_step_s']:.0f} s, "
+          f"memory (GiB, per device) {rec['memory_gib']}", flush=True)
+    need = ms.argument_size_in_bytes + ms.temp_size_in_bytes
+    if limit is not None and need > limit:
+        raise MemoryError(f"the step needs {need / 2**30:.1f} GiB per device (arguments + temporaries), "
+                          f"the device has {limit / 2**30:.1f} GiB")
+    return mesh, init, step, batch
+
+
+def time_run(config, args, compiled, rec):
+    """Initialise, run ``args.warmup`` then ``args.steps`` timed steps, and fill ``rec``."""
+    mesh, init, step, batch = compiled
+    devices, n_devices = list(mesh.devices.flat), rec["devices"]
+    with jax.set_mesh(mesh):
         state = init()
         gb = global_batch(batch, mesh)
         t0 = time.perf_counter()
@@ -97,6 +106,7 @@ def measure(config, args, n_devices, rec):
             state, m = step(state, gb)
         jax.block_until_ready(m)
         elapsed = time.perf_counter() - t0
+    del state
     tokens = args.batch * n_devices * args.seq
     tps = tokens * args.steps / elapsed
     fl = flops_per_token(config, args.seq)
@@ -126,6 +136,8 @@ def main():
     ap.add_argument("--moe_dispatch", default="sorted", help="sorted (ragged_dot) | dense (every expert)")
     ap.add_argument("--num_experts", type=int, default=None,
                     help="override the preset's routed experts (same activated size, fewer total parameters)")
+    ap.add_argument("--compile_workers", type=int, default=1,
+                    help="compile this many runs concurrently before timing any (XLA compiles outside the GIL)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     gpu = jax.devices()[0].device_kind
@@ -139,21 +151,36 @@ def main():
               "env": {k: os.environ.get(k) for k in ("XLA_FLAGS", "XLA_PYTHON_CLIENT_MEM_FRACTION")},
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "preset": args.preset,
               "args": vars(args), "runs": []}
+    runs = []
     for name in args.variants.split(","):
         config = base if name == "hybrid" else variant(base, name)
         total, active = count_params(config)
         for n in (int(x) for x in args.devices.split(",")):
-            rec = {"variant": name, "params_total": total, "params_activated": active}
-            try:
-                measure(config, args, n, rec)
-            except Exception as e:  # record out-of-memory and keep going with the other runs
-                rec.update(devices=n, error=f"{type(e).__name__}: {str(e)[:500]}")
-                traceback.print_exc()
+            runs.append((config, n, {"variant": name, "devices": n, "params_total": total, "params_activated": active}))
+
+    def save():
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        with open(out, "w") as f:
+            json.dump(result, f, indent=2)
+
+    def guarded(fn, rec, *a):  # record out-of-memory and keep going with the other runs
+        try:
+            return fn(*a)
+        except Exception as e:
+            rec["error"] = f"{type(e).__name__}: {str(e)[:500]}"
+            traceback.print_exc()
+            return None
+
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.compile_workers)) as pool:
+        futures = [pool.submit(guarded, compile_run, rec, config, args, n, rec) for config, n, rec in runs]
+        for (config, n, rec), fut in zip(runs, futures):
+            compiled = fut.result()
+            if compiled is not None:
+                guarded(time_run, rec, config, args, compiled, rec)
+                del compiled
             result["runs"].append(rec)
             print(json.dumps(rec), flush=True)
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            with open(out, "w") as f:
-                json.dump(result, f, indent=2)
+            save()
     print(f"\n{gpu}, {args.preset}, seq {args.seq}, {args.batch} rows/device, remat {args.remat}, "
           f"{args.param_dtype} parameters, MoE dispatch {args.moe_dispatch}")
     print(f"{'variant':10} {'dev':>3} {'step s':>8} {'tok/s':>10} {'tok/s/dev':>10} {'MFU':>6} {'mem GiB':>8}")
