@@ -67,7 +67,8 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches:
             (_, aux), g = micro_grads(params, router, mb)
             return jax.tree.map(jnp.add, acc, (g, aux)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, params)
+        # gradients accumulate in float32 whatever the parameter dtype (bf16 sums of micro-batches lose bits)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)), params)
         first = jax.tree.map(lambda x: x[0], split)
         aux_shape = jax.eval_shape(lambda: micro_grads(params, router, first)[0][1])
         acc0 = (zeros, jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape))
@@ -85,7 +86,9 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches:
             model = nnx.merge(graphdef, params, router)
             model.update_router_biases([l / microbatches for l in loads], router_bias_rate)
             new_router = nnx.to_pure_dict(nnx.state(model, RouterBias))
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        # every state leaf keeps its dtype (bf16 parameters and moments stay bf16 after float32 updates), so
+        # the state matches the abstract state of checkpoints and the step compiles once
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a.astype(b.dtype), b), new, old)
         new_state = {
             "params": keep(new_params, params), "opt": keep(new_opt, state["opt"]),
             "router": keep(new_router, router), "step": state["step"] + 1,

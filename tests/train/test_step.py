@@ -115,6 +115,24 @@ def test_loss_falls_and_router_biases_move(name):
     assert max(moved) > 0
 
 
+@pytest.mark.parametrize("name", ["adamw", "muon"])
+def test_bf16_master_weights_keep_their_dtypes_and_compile_once(name):
+    """bf16 parameters and moments stay bf16 after float32 updates: the state always matches the abstract
+    state (what checkpoints restore into) and the step compiles once."""
+    mesh = make_mesh(MeshConfig(fsdp=1), jax.devices()[:1])
+    cfg = SMALL.replace(param_dtype="bfloat16")
+    trainer = Trainer.build(cfg, OptimConfig(name=name, learning_rate=1e-2, warmup_steps=2),
+                            TrainConfig(steps=10, microbatches=2), mesh)
+    want = jax.tree.map(lambda a: a.dtype, trainer.abstract_state)
+    assert jnp.bfloat16 in jax.tree.leaves(want["params"])
+    with jax.set_mesh(mesh):
+        state = trainer.init()
+        for s in range(3):
+            state, m = trainer.step(state, global_batch(_batch(seed=s), mesh))
+            assert jax.tree.map(lambda a: a.dtype, state) == want
+    assert trainer.step._cache_size() == 1 and np.isfinite(float(m["loss"]))
+
+
 def test_weight_decay_mask_spares_norms_gates_and_embeddings():
     trainer = _trainer(MeshConfig(fsdp=1), jax.devices()[:1])
     abs_params = nnx.state(nnx.eval_shape(lambda: trainer.model(trainer.init())), nnx.Param)
