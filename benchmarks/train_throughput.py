@@ -152,10 +152,10 @@ def main():
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "preset": args.preset,
               "args": vars(args), "runs": []}
     runs = []
-    for name in args.variants.split(","):
-        config = base if name == "hybrid" else variant(base, name)
-        total, active = count_params(config)
-        for n in (int(x) for x in args.devices.split(",")):
+    for n in (int(x) for x in args.devices.split(",")):  # every variant at one device count, then the next count
+        for name in args.variants.split(","):
+            config = base if name == "hybrid" else variant(base, name)
+            total, active = count_params(config)
             runs.append((config, n, {"variant": name, "devices": n, "params_total": total, "params_activated": active}))
 
     def save():
