@@ -1,13 +1,19 @@
-"""Grouped (per-expert) matmul over a block-aligned buffer, with a weight gradient that stays small.
+"""Grouped (per-expert) matmul over a block-aligned buffer, every pass block-wise.
 
-``lax.ragged_dot`` is the forward and the input gradient. Its weight gradient (a ragged
-*contracting* dimension, ``dW[e] = X_e^T dY_e``) is lowered by XLA as a dense ``[E, M, F]``
-float32 intermediate — 14–17 GiB per expert matmul at the paper's 653M scaling size (issue 4),
-which does not fit one H100. Here every group starts on a multiple of ``block`` rows, so each
-block of rows belongs to one expert; the weight gradient is a scan over chunks of blocks,
-``acc[expert_of_block] += X_blk^T dY_blk``, whose live memory is one chunk of ``[c, D, F]``
-float32 products (``_CHUNK_BYTES``), and whose work is the dense minimum (``L * D * F``, with
-``L <= M + E * (block - 1)`` rows).
+Every group starts on a multiple of ``block`` rows, so each block of rows belongs to one expert
+(``aligned_layout``). All three products are scans over chunks of blocks:
+
+- forward ``y_b = x_b @ W[e_b]`` and input gradient ``dx_b = dy_b @ W[e_b]^T``: the chunk's expert
+  weights are gathered (``[c, D, F]``) and multiplied as one batched matmul;
+- weight gradient ``dW[e] += x_b^T dy_b``: per-block float32 products added into their experts.
+
+Live memory is one chunk of ``[c, D, F]`` (``_CHUNK_BYTES``) and the work is the dense minimum
+(``L * D * F``, ``L <= M + E * (block - 1)`` rows) plus one read of a weight matrix per block.
+Why not ``lax.ragged_dot``: its weight gradient (a ragged *contracting* dimension) is lowered by
+XLA as a dense ``[E, M, F]`` float32 intermediate (14–17 GiB per expert matmul at the 653M
+scaling size), and on an H100 its forward ran at 8.5 ms where the same flops as one dense matmul
+take 0.2 ms (653M shapes: 28672 rows, D = 1216, F = 1024, 64 experts; benchmarks/NOTES.md) —
+42x, which made whole MoE train steps 60x slower than the model's flops.
 
 ``aligned_layout`` turns per-assignment group ids into that buffer's layout; ``grouped_matmul``
 is the ``custom_vjp`` op over it.
@@ -57,16 +63,41 @@ def aligned_layout(group_M: jax.Array, E: int, block: int) -> Layout:
     return Layout(dest_M, src_L, padded_E, block_expert)
 
 
+def _chunked(nb: int, row_bytes: int):
+    """(blocks per scan step, scan steps, padding blocks) for ``row_bytes`` of live data per block."""
+    chunk = max(1, min(nb, _CHUNK_BYTES // row_bytes))
+    steps = -(-nb // chunk)
+    return chunk, steps, steps * chunk - nb
+
+
+def _blocks(a_LX, nb, chunk, steps, pad):
+    block = a_LX.shape[0] // nb
+    return jnp.pad(a_LX.reshape(nb, block, -1), ((0, pad), (0, 0), (0, 0))).reshape(steps, chunk, block, -1)
+
+
+def _per_block_matmul(a_LD, w_EDF, block_expert, transpose: bool):
+    """``out_b = a_b @ W[e_b]`` (``W[e_b]^T`` if ``transpose``) in float32, chunk by chunk."""
+    L, nb = a_LD.shape[0], block_expert.shape[0]
+    E, D, F = w_EDF.shape
+    chunk, steps, pad = _chunked(nb, D * F * 4)
+    a = _blocks(a_LD, nb, chunk, steps, pad)
+    owner = jnp.pad(block_expert, (0, pad), constant_values=E - 1).reshape(steps, chunk)
+    spec = "cbf,cdf->cbd" if transpose else "cbd,cdf->cbf"
+
+    def body(_, xs):
+        a_c, e_c = xs
+        return None, jnp.einsum(spec, a_c, w_EDF[e_c], preferred_element_type=jnp.float32)
+
+    out = jax.lax.scan(body, None, (a, owner))[1]
+    return out.reshape(steps * chunk * (L // nb), -1)[:L]
+
+
 def _weight_grad(x_LD, g_LF, block_expert, num_experts):
     """``dW[e] = sum over blocks b of expert e: x_b^T g_b`` in float32, chunk by chunk."""
     (L, D), F = x_LD.shape, g_LF.shape[1]
     nb = block_expert.shape[0]
-    block = L // nb
-    chunk = max(1, min(nb, _CHUNK_BYTES // (D * F * 4)))
-    steps = -(-nb // chunk)
-    pad = steps * chunk - nb
-    x = jnp.pad(x_LD.reshape(nb, block, D), ((0, pad), (0, 0), (0, 0))).reshape(steps, chunk, block, D)
-    g = jnp.pad(g_LF.reshape(nb, block, F), ((0, pad), (0, 0), (0, 0))).reshape(steps, chunk, block, F)
+    chunk, steps, pad = _chunked(nb, D * F * 4)
+    x, g = _blocks(x_LD, nb, chunk, steps, pad), _blocks(g_LF, nb, chunk, steps, pad)
     owner = jnp.pad(block_expert, (0, pad), constant_values=num_experts - 1).reshape(steps, chunk)
 
     def body(acc, xs):
@@ -78,13 +109,18 @@ def _weight_grad(x_LD, g_LF, block_expert, num_experts):
     return jax.lax.scan(body, acc, (x, g, owner))[0]
 
 
+def _live_rows(out_LX, sizes_E):
+    """Zero the rows past the last group (tail blocks belong to no expert)."""
+    return jnp.where((jnp.arange(out_LX.shape[0]) < jnp.sum(sizes_E))[:, None], out_LX, 0.0)
+
+
 @jax.custom_vjp
 def grouped_matmul(x_LD: jax.Array, w_EDF: jax.Array, sizes_E: jax.Array, block_expert: jax.Array) -> jax.Array:
     """``y[rows of group e] = x[rows of group e] @ w[e]`` with float32 accumulation and output.
 
     ``sizes_E`` and ``block_expert`` come from ``aligned_layout``; rows past ``sum(sizes_E)`` give 0.
     """
-    return jax.lax.ragged_dot(x_LD, w_EDF, sizes_E, preferred_element_type=jnp.float32)
+    return _live_rows(_per_block_matmul(x_LD, w_EDF, block_expert, transpose=False), sizes_E)
 
 
 def _fwd(x_LD, w_EDF, sizes_E, block_expert):
@@ -93,8 +129,8 @@ def _fwd(x_LD, w_EDF, sizes_E, block_expert):
 
 def _bwd(res, g_LF):
     x_LD, w_EDF, sizes_E, block_expert = res
-    g = g_LF.astype(x_LD.dtype)
-    dx = jax.lax.ragged_dot(g, jnp.swapaxes(w_EDF, 1, 2), sizes_E, preferred_element_type=jnp.float32)
+    g = _live_rows(g_LF, sizes_E).astype(x_LD.dtype)
+    dx = _live_rows(_per_block_matmul(g, w_EDF, block_expert, transpose=True), sizes_E)
     dw = _weight_grad(x_LD, g, block_expert, w_EDF.shape[0])
     return dx.astype(x_LD.dtype), dw.astype(w_EDF.dtype), None, None
 

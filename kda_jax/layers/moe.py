@@ -17,8 +17,8 @@ Dispatch:
 
 - ``"sorted"`` (default, dropless): the N*K (token, expert) assignments are sorted by expert,
   the tokens gathered into that order (each expert's group padded to a block multiple), the
-  three expert matmuls run as ``grouped_matmul`` (``lax.ragged_dot`` forward, a block-wise weight
-  gradient: ``grouped.py``), and the results un-sorted and summed over k with the routing weights.
+  three expert matmuls run as ``grouped_matmul`` (block-wise forward and gradients over that
+  buffer: ``grouped.py``), and the results un-sorted and summed over k with the routing weights.
 - ``"dense"``: every expert on every token, weighted by the sparse [N, E] routing matrix —
   O(N E F) work, the reference the sorted path is tested against.
 

@@ -89,3 +89,20 @@ def test_weight_gradient_memory_is_bounded_by_the_chunk(monkeypatch):
     temp = fn.lower(jnp.ones((L, D)), jnp.ones((L, F))).compile().memory_analysis().temp_size_in_bytes
     assert temp <= 2 * chunk_bytes + E * D * F * 4, temp  # products + the accumulator
     assert temp < E * L * F * 4 / 50
+
+
+def test_forward_and_input_gradient_gather_one_chunk_of_weights_at_a_time(monkeypatch):
+    """The block-wise forward/backward keeps one chunk of gathered expert weights live: never the
+    per-block weights of the whole buffer ([L / block, D, F]) nor a dense [E, L, F] intermediate."""
+    M, E, D, F, block = 1024, 2, 1024, 1024, 64
+    lay = aligned_layout(jnp.asarray(np.random.default_rng(2).integers(0, E, M), jnp.int32), E, block)
+    L = lay.src_L.shape[0]
+    chunk_bytes = D * F * 4  # one block per scan step
+    monkeypatch.setattr(grouped, "_CHUNK_BYTES", chunk_bytes)
+    loss = lambda x, w: jnp.sum(grouped_matmul(x, w, lay.sizes_E, lay.block_expert) ** 2)
+    fn = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    temp = fn.lower(jnp.ones((L, D)), jnp.ones((E, D, F))).compile().memory_analysis().temp_size_in_bytes
+    bound = 2 * L * (D + F) * 4 + 3 * chunk_bytes + E * D * F * 4  # activations, a few chunks, dW
+    all_blocks = (L // block) * D * F * 4
+    assert bound < all_blocks / 1.5
+    assert temp <= bound, (temp, bound, all_blocks)
