@@ -3,7 +3,8 @@
 gin is only a binding layer (architecture.md): ``parse(gin_files, gin_params)`` reads the files
 and overrides, and ``RunConfig.from_gin()`` resolves them once into plain objects that the
 rest of the code takes as arguments. Bindable: ``ModelSpec`` (a preset by name, its twin and
-field overrides), ``DataConfig``, ``OptimConfig``, ``MeshConfig``, ``TrainConfig``.
+field overrides), ``DataConfig``, ``SyntheticConfig`` (read when ``DataConfig.source = 'synthetic'``),
+``OptimConfig``, ``MeshConfig``, ``TrainConfig``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 import gin
 
 from kda_jax.data import DataConfig
+from kda_jax.data.synthetic import SyntheticConfig
 from kda_jax.models import ModelConfig, get_config, hybrid_layout, variant
 
 CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
@@ -37,8 +39,8 @@ class ModelSpec:
     def build(self) -> ModelConfig:
         config = get_config(self.preset)
         overrides = dict(self.overrides)
-        if self.kda_per_mla is not None:
-            kda, full = hybrid_layout(config.num_hidden_layers, self.kda_per_mla)
+        if self.kda_per_mla is not None:  # the pattern of the final depth (overrides may change it)
+            kda, full = hybrid_layout(overrides.get("num_hidden_layers", config.num_hidden_layers), self.kda_per_mla)
             overrides.update(kda_layers=kda, full_attn_layers=full)
         if overrides:
             config = config.replace(**overrides)
@@ -118,15 +120,22 @@ class RunConfig:
     mesh: MeshConfig
     train: TrainConfig
     operative: str = ""                # the gin text this run was configured with
+    synthetic: SyntheticConfig | None = None   # the task when data.source == "synthetic"
 
     @classmethod
     def from_gin(cls) -> "RunConfig":
-        run = cls(model=ModelSpec().build(), data=_DataConfig(), optim=OptimConfig(), mesh=MeshConfig(),
-                  train=TrainConfig())
+        data = _DataConfig()
+        synthetic = _SyntheticConfig() if data.source == "synthetic" else None
+        run = cls(model=ModelSpec().build(), data=data, optim=OptimConfig(), mesh=MeshConfig(),
+                  train=TrainConfig(), synthetic=synthetic)
+        if synthetic is not None and synthetic.model_vocab_size > run.model.vocab_size:
+            raise ValueError(f"SyntheticConfig(task={synthetic.task!r}) needs a vocabulary of "
+                             f"{synthetic.model_vocab_size} ids, the model has vocab_size={run.model.vocab_size}")
         return dataclasses.replace(run, operative=gin.operative_config_str())
 
 
 _DataConfig = gin.external_configurable(DataConfig, name="DataConfig")
+_SyntheticConfig = gin.external_configurable(SyntheticConfig, name="SyntheticConfig")
 
 
 def parse(gin_files=(), gin_params=()) -> RunConfig:

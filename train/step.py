@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from kda_jax.data.synthetic import answer_metrics
 from kda_jax.layers.moe import RouterBias
 
 BATCH_KEYS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -105,11 +106,12 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, *, microbatches:
 
 
 def make_eval_step(graphdef) -> Callable:
-    """``eval(state, batch) -> {"nll_sum", "tokens"}`` (the masked cross-entropy, summed)."""
+    """``eval(state, batch) -> {"nll_sum", "tokens", "correct", "supervised", "exact", "examples"}``: the
+    masked cross-entropy and the greedy answers' counts (``kda_jax.data.synthetic.answer_metrics``), summed."""
 
     def evaluate(state, batch):
         _, out = _forward(graphdef, state["params"], state["router"], batch)
         nll, _, n = token_losses(out.logits, batch["targets"], batch["loss_mask"], 0.0)
-        return {"nll_sum": nll, "tokens": n}
+        return {"nll_sum": nll, "tokens": n, **answer_metrics(jnp.argmax(out.logits, -1), batch)}
 
     return evaluate

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from kda_jax.data.synthetic import summarize
 from kda_jax.layers.moe import RouterBias
 from kda_jax.models import HybridDecoder
 from kda_jax.models.sharding import abstract_module, state_shardings
@@ -75,14 +76,23 @@ class Trainer:
     def model(self, state) -> HybridDecoder:
         return nnx.merge(self.graphdef, state["params"], state["router"])
 
-    def evaluate(self, state, batches) -> dict:
-        nll, n = 0.0, 0.0
+    def evaluate(self, state, batches, *, exact_match: bool = False) -> dict:
+        """Validation loss, perplexity, bits per token and greedy next-token accuracy on the supervised
+        positions; with ``exact_match`` (one example per row: synthetic tasks) also the share of rows
+        whose every answer is right."""
+        sums: dict = {}
         with jax.set_mesh(self.mesh):
             for b in batches:
                 out = jax.device_get(self.eval_step(state, global_batch(b, self.mesh)))
-                nll, n = nll + float(out["nll_sum"]), n + float(out["tokens"])
-        loss = nll / max(n, 1.0)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bits_per_token": loss / math.log(2)}
+                sums = {k: sums.get(k, 0.0) + float(v) for k, v in out.items()}
+        loss = sums.get("nll_sum", 0.0) / max(sums.get("tokens", 0.0), 1.0)
+        result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bits_per_token": loss / math.log(2)}
+        if sums:
+            answers = {k: float(v) for k, v in summarize(sums).items()}
+            result["val_token_accuracy"] = answers["token_accuracy"]
+            if exact_match:
+                result["val_exact_match"] = answers["exact_match"]
+        return result
 
 
 def sample_text(trainer: Trainer, state, tokenizer, prompt: str, num_tokens: int, *, temperature: float = 0.8,

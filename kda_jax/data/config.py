@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 
 DOC_SPLITS = ("file", "paragraph")
+SOURCES = ("text", "synthetic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,6 +24,9 @@ class DataConfig:
     seed: int = 0                   # training shuffle; each epoch is reshuffled from it
     num_workers: int = 0            # grain worker processes (mp_prefetch); 0: none
     doc_split: str = "file"         # "file": a file is a document; "paragraph": blank-line separated
+    # "text": the fields above; "synthetic": a task of kda_jax.data.synthetic (SyntheticConfig), drawn
+    # fresh every step — the text fields are then unused
+    source: str = "text"
     split_seed: int = 0             # the validation split, apart from `seed` so runs share it
 
     def __post_init__(self):
@@ -41,5 +45,7 @@ class DataConfig:
         if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) \
                 or not 0.0 <= self.val_fraction < 1.0:
             bad("val_fraction", "must be a number in [0, 1)")
+        if self.source not in SOURCES:
+            bad("source", f"must be one of {SOURCES}")
         if self.doc_split not in DOC_SPLITS:
             bad("doc_split", f"must be one of {DOC_SPLITS}")

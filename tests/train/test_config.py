@@ -19,7 +19,9 @@ def test_there_are_configs():
 def test_every_gin_file_parses_and_builds(path):
     run = parse([path])
     nnx.eval_shape(lambda: HybridDecoder(run.model, rngs=nnx.Rngs(0)))  # builds at full size, abstractly
-    tiny = parse([path], ["ModelSpec.preset = 'tiny'", "TrainConfig.steps = 3"])
+    # the same run on the tiny preset (the file's model overrides and ratio dropped; its vocabulary kept)
+    tiny = parse([path], ["ModelSpec.preset = 'tiny'", "ModelSpec.kda_per_mla = None", "TrainConfig.steps = 3",
+                          f"ModelSpec.overrides = {{'vocab_size': {run.model.vocab_size}}}"])
     assert tiny.train.steps == 3 and tiny.model.hidden_size == get_config("tiny").hidden_size
     assert "ModelSpec.preset = 'tiny'" in tiny.operative
 
