@@ -16,7 +16,10 @@ Per token, with D = hidden_size:
   (low rank r, default d) or ``2·D·H`` (GDN); β ``2·D·H``; output gate ``2·D·r + 2·r·W``
   unless ``output_gate == "none"``.
 - ``kda_core`` per KDA/GDN layer: H × ``kda_core_flops_per_head`` (chunk C = ``chunk_size``).
-  GDN layers use the same count (fla runs the same chunked algorithm for both).
+  GDN layers use the same count (fla runs the same chunked algorithm for both). The additive
+  rule (``kda_rule="additive"``, kda_jax/ops/linear_attn.py) has no L, inverse, W or U:
+  ``4·dk·dv + 2·C·dk + 2·C·dv`` (state read and write; the dense C×C scores and their
+  product with V), under either ``kda_count``.
 - ``mla_projections`` per MLA layer (kda_jax/layers/mla.py, K/V expanded per token, not
   absorbed): q ``2·D·H·(n+r)`` (or through ``q_lora_rank``), kv_a ``2·D·(L+r)``,
   kv_b ``2·L·H·(n+v)``, o ``2·H·v·D`` with n/r/v the nope/rope/value head dims, L = kv_lora_rank.
@@ -36,10 +39,11 @@ import jax
 from kda_jax.models.config import ModelConfig
 
 KDA_COUNTS = ("fla", "paper")
+KDA_RULES = ("delta", "additive")
 BLOCK = 16  # fla's secondary (sub-)chunk for the intra-chunk inverse (kda_spec §3.5)
 
 
-def kda_core_flops_per_head(d_k: int, d_v: int, chunk: int, *, count: str = "fla") -> int:
+def kda_core_flops_per_head(d_k: int, d_v: int, chunk: int, *, count: str = "fla", rule: str = "delta") -> int:
     """Forward FLOPs per token per head of chunkwise KDA with chunk size ``chunk``.
 
     ``count="fla"`` (default): kda_spec §7.2, what the fla kernels execute —
@@ -49,11 +53,18 @@ def kda_core_flops_per_head(d_k: int, d_v: int, chunk: int, *, count: str = "fla
     substitution: ≈166 K (C = 64) / ≈132 K (C = 32) at d = 128.
     ``count="paper"``: kda_spec §7.1, paper Eq. 13, ``6·d² + 3·C·d + C²`` with d = dk (= dv in
     Kimi Linear): 126,976 at d = 128, C = 64; it seems to count only part of the C·d work.
+    ``rule="additive"`` (no delta rule, ``ops.linear_attn``), for either count: ``2·dk·dv``
+    (q·S) + ``2·dk·dv`` (the chunk's write Kᵀ·V) + ``2·C·dk`` (scores Q·Kᵀ, dense) + ``2·C·dv``
+    (scores · V): 98,304 at d = 128, C = 64.
     """
+    if count not in KDA_COUNTS:
+        raise ValueError(f"KDA FLOP count must be one of {KDA_COUNTS}, got {count!r}")
+    if rule not in KDA_RULES:
+        raise ValueError(f"KDA rule must be one of {KDA_RULES}, got {rule!r}")
+    if rule == "additive":
+        return 4 * d_k * d_v + 2 * chunk * d_k + 2 * chunk * d_v
     if count == "paper":
         return 6 * d_k * d_v + 3 * chunk * d_k + chunk * chunk
-    if count != "fla":
-        raise ValueError(f"KDA FLOP count must be one of {KDA_COUNTS}, got {count!r}")
     n = max(chunk // BLOCK, 1)
     # Inverse of a block lower-triangular matrix with n diagonal blocks: each off-diagonal block
     # at distance g needs g products plus one with the diagonal inverse, and there are n-g of them.
@@ -99,7 +110,8 @@ def flops_per_token(config: ModelConfig, seq_len: int, *, kda_count: str = "fla"
     c = config
     out = dict(embedding_head=2 * c.hidden_size * c.vocab_size, kda_projections=0, kda_core=0,
                mla_projections=0, attention=0, mlp=0, moe=0)
-    core = c.kda_num_heads * kda_core_flops_per_head(c.kda_head_dim, c.kda_head_dim, c.chunk_size, count=kda_count)
+    core = c.kda_num_heads * kda_core_flops_per_head(c.kda_head_dim, c.kda_head_dim, c.chunk_size, count=kda_count,
+                                                     rule=c.kda_rule)
     attention = c.num_attention_heads * (c.qk_nope_head_dim + c.qk_rope_head_dim + c.v_head_dim) * (seq_len + 1)
     for i in range(c.num_hidden_layers):
         if c.is_kda_layer(i):

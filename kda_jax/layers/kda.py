@@ -11,6 +11,11 @@ Ablation switches (paper Table 1): ``output_gate`` in {"sigmoid", "swish", "none
 does), and ``gate="gdn"``: one decay per head and token from ``f_proj`` (hidden → H) with
 A_log ``[H]`` and dt_bias ``[H]`` — Gated DeltaNet through the same op code path.
 A_log, dt_bias, g and beta are float32 and never weight-decayed.
+
+``rule`` picks the state update: "delta" (KDA / GDN) or "additive" (S ← a·S + β·k vᵀ,
+``ops.linear_attn``): with the scalar gate this is the "Mamba2-like" baseline of the paper's
+synthetic tasks (kimi_linear_model §5), so "additive" requires ``gate="gdn"``. Parameters and
+the cache are the same for both rules.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from kda_jax.layers.conv import ShortConv
 from kda_jax.layers.norms import GATE_ACTIVATIONS, GatedRMSNorm
 
 GATES = ("kda", "gdn")
+RULES = ("delta", "additive")
 
 
 def a_log_init(key, shape, dtype):
@@ -44,17 +50,24 @@ def dt_bias_init(key, shape, dtype, dt_min=1e-3, dt_max=1e-1, dt_floor=1e-4):
 
 class KDAMixer(nnx.Module):
     def __init__(self, hidden: int, num_heads: int, head_dim: int, *, rngs: nnx.Rngs, conv_size: int = 4,
-                 gate: str = "kda", output_gate: str = "sigmoid", gate_rank: int | None = None,
+                 gate: str = "kda", rule: str = "delta", output_gate: str = "sigmoid", gate_rank: int | None = None,
                  norm_eps: float = 1e-5, chunk_size: int = 64, impl: str = "auto", dtype=jnp.float32,
                  param_dtype=jnp.float32):
         if gate not in GATES:
             raise ValueError(f"KDAMixer gate must be one of {GATES}, got {gate!r}")
+        if rule not in RULES:
+            raise ValueError(f"KDAMixer rule must be one of {RULES}, got {rule!r}")
+        if rule == "additive" and gate != "gdn":
+            raise ValueError(f"KDAMixer rule='additive' needs the scalar decay gate='gdn', got gate={gate!r}")
+        if rule == "additive" and impl not in ops.LINEAR_ATTN_IMPLS:
+            raise ValueError(f"KDAMixer rule='additive' runs ops.linear_attn: impl must be one of "
+                             f"{ops.LINEAR_ATTN_IMPLS}, got {impl!r}")
         if output_gate not in GATE_ACTIVATIONS:
             raise ValueError(f"KDAMixer output_gate must be one of {GATE_ACTIVATIONS}, got {output_gate!r}")
         if conv_size < 0:
             raise ValueError(f"conv_size must be >= 0 (0 disables the short conv), got {conv_size}")
         self.hidden, self.num_heads, self.head_dim = hidden, num_heads, head_dim
-        self.gate, self.output_gate, self.conv_size = gate, output_gate, conv_size
+        self.gate, self.rule, self.output_gate, self.conv_size = gate, rule, output_gate, conv_size
         self.chunk_size, self.impl, self.dtype = chunk_size, impl, dtype
         rank = head_dim if gate_rank is None else gate_rank
         width = num_heads * head_dim
@@ -116,7 +129,7 @@ class KDAMixer(nnx.Module):
     def _chunked(self, x, segment_ids, final_state):
         (q, k, v), conv = self._qkv(x, segment_ids, None)
         g, beta, gate_args = self._gate_beta(x)
-        op = ops.kda if self.gate == "kda" else ops.gdn
+        op = ops.linear_attn if self.rule == "additive" else ops.kda if self.gate == "kda" else ops.gdn
         o, S = op(q, k, v, g, beta, segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl,
                   output_final_state=final_state, **gate_args)
         return self._output(o, x), S, conv
@@ -139,9 +152,13 @@ class KDAMixer(nnx.Module):
         return y, KDACache(state=S, conv=conv)
 
     def decode(self, x: jax.Array, cache: KDACache) -> tuple[jax.Array, KDACache]:
-        """x ``[B, S, hidden]``: S new tokens after the cached ones (recurrent update, ``ops.kda_decode``)."""
+        """x ``[B, S, hidden]``: S new tokens after the cached ones (recurrent update, ``ops.kda_decode``
+        or, for the additive rule, ``ops.linear_attn_decode``)."""
         self._check(x)
         (q, k, v), conv = self._qkv(x, None, cache.conv)
         g, beta, gate_args = self._gate_beta(x)
-        o, S = ops.kda_decode(q, k, v, g, beta, cache.state, scalar_gate=self.gate != "kda", **gate_args)
+        if self.rule == "additive":
+            o, S = ops.linear_attn_decode(q, k, v, g, beta, cache.state, **gate_args)
+        else:
+            o, S = ops.kda_decode(q, k, v, g, beta, cache.state, scalar_gate=self.gate != "kda", **gate_args)
         return self._output(o, x), KDACache(state=S, conv=conv)

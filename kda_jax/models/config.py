@@ -38,6 +38,7 @@ class ModelConfig:
     kda_head_dim: int = 128
     short_conv_kernel_size: int = 4        # 0: no short conv (ablation)
     kda_gate: str = "kda"                  # "kda" per-channel | "gdn" scalar per head
+    kda_rule: str = "delta"                # "delta" (KDA/GDN) | "additive" (no delta rule; needs kda_gate="gdn")
     output_gate: str = "sigmoid"           # "sigmoid" | "swish" | "none"
     kda_gate_rank: int | None = None       # low-rank gate bottleneck; None = kda_head_dim
     # MLA mixer.
@@ -95,6 +96,10 @@ class ModelConfig:
                 f"missing {missing}, out of range {extra}")
         if self.kda_gate not in ("kda", "gdn"):
             bad(f"kda_gate must be 'kda' or 'gdn', got {self.kda_gate!r}")
+        if self.kda_rule not in ("delta", "additive"):
+            bad(f"kda_rule must be 'delta' or 'additive', got {self.kda_rule!r}")
+        if self.kda_rule == "additive" and self.kda_gate != "gdn":
+            bad(f"kda_rule='additive' needs the scalar decay kda_gate='gdn', got kda_gate={self.kda_gate!r}")
         if self.output_gate not in ("sigmoid", "swish", "none"):
             bad(f"output_gate must be 'sigmoid', 'swish' or 'none', got {self.output_gate!r}")
         if self.num_experts and not 1 <= self.num_experts_per_token <= self.num_experts:

@@ -48,7 +48,7 @@ class Block(nnx.Module):
         if self.is_kda:
             self.self_attn = KDAMixer(
                 c.hidden_size, c.kda_num_heads, c.kda_head_dim, conv_size=c.short_conv_kernel_size, gate=c.kda_gate,
-                output_gate=c.output_gate, gate_rank=c.kda_gate_rank, norm_eps=c.rms_norm_eps,
+                rule=c.kda_rule, output_gate=c.output_gate, gate_rank=c.kda_gate_rank, norm_eps=c.rms_norm_eps,
                 chunk_size=c.chunk_size, impl=c.kda_impl, **kw)
         else:
             self.self_attn = MLAttention(

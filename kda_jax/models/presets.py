@@ -1,8 +1,10 @@
 """Named model configurations and their fair-comparison twins.
 
 ``get_config("small")`` returns a preset; ``get_config("small_mla_only")`` its all-MLA twin and
-``get_config("small_gdn_hybrid")`` its Gated DeltaNet hybrid twin, all made by ``variant`` — which
-changes only the mixer pattern or the gate, so a comparison differs in nothing else.
+``get_config("small_gdn_hybrid")`` its Gated DeltaNet hybrid twin and ``get_config("small_mamba2_hybrid")``
+its scalar-decay, no-delta-rule ("Mamba2-like", kimi_linear_model §5) twin, all made by ``variant`` —
+which changes only the mixer pattern, the gate or the update rule, so a comparison differs in
+nothing else.
 """
 
 from __future__ import annotations
@@ -11,15 +13,18 @@ from typing import Callable
 
 from kda_jax.models.config import ModelConfig, hybrid_layout
 
-VARIANTS = ("mla_only", "gdn_hybrid")
+VARIANTS = ("mla_only", "gdn_hybrid", "mamba2_hybrid")
 
 
 def variant(config: ModelConfig, name: str) -> ModelConfig:
-    """The ``mla_only`` (every layer MLA) or ``gdn_hybrid`` (KDA layers use the scalar GDN gate) twin."""
+    """The ``mla_only`` (every layer MLA), ``gdn_hybrid`` (KDA layers use the scalar GDN gate) or
+    ``mamba2_hybrid`` (the scalar gate and an additive write instead of the delta rule) twin."""
     if name == "mla_only":
         return config.replace(kda_layers=(), full_attn_layers=tuple(range(1, config.num_hidden_layers + 1)))
     if name == "gdn_hybrid":
         return config.replace(kda_gate="gdn")
+    if name == "mamba2_hybrid":
+        return config.replace(kda_gate="gdn", kda_rule="additive")
     raise ValueError(f"unknown variant {name!r}; valid: {VARIANTS}")
 
 

@@ -1,5 +1,9 @@
 """KDA and Gated DeltaNet as pure functions on arrays: the one front door ``kda(...)``.
 
+``linear_attn(...)`` (module ``additive``) is the third rule of the synthetic-task comparison:
+the GDN gate with an additive write instead of the delta rule (the "Mamba2-like" baseline), with
+its decode ``linear_attn_decode``.
+
 Layouts follow flash-linear-attention: q, k ``[B, T, H, K]``, v ``[B, T, HV, V]`` (HV a
 multiple of H: grouped value heads), g ``[B, T, HV, K]`` per-token log decay (≤ 0),
 beta ``[B, T, HV]``, states ``[B, HV, K, V]`` float32, segment_ids ``[B, T]`` int.
@@ -11,9 +15,12 @@ from kda_jax.ops import registry
 from kda_jax.ops.chunked import kda_chunked
 from kda_jax.ops.decode import kda_decode
 from kda_jax.ops.inputs import canonicalize, check_chunk_size, kda_gate, l2_normalize
+from kda_jax.ops.additive import (LINEAR_ATTN_IMPLS, linear_attn, linear_attn_chunked, linear_attn_decode,
+                                     linear_attn_reference)
 from kda_jax.ops.reference import kda_reference
 
-__all__ = ["kda", "gdn", "kda_decode", "kda_gate", "l2_normalize", "registry", "kda_chunked", "kda_reference"]
+__all__ = ["kda", "gdn", "kda_decode", "kda_gate", "l2_normalize", "registry", "kda_chunked", "kda_reference",
+           "linear_attn", "linear_attn_decode", "linear_attn_chunked", "linear_attn_reference", "LINEAR_ATTN_IMPLS"]
 
 
 def _always(call):

@@ -48,6 +48,20 @@ def test_ablation_switches_change_projection_counts():
     assert q_lora == flops_per_token(base, 9)["mla_projections"] - 2 * 8 * 10 + 2 * 8 * 3 + 2 * 3 * 10
 
 
+def test_additive_rule_counts_no_inverse_or_wy_part():
+    base = ModelConfig(**TINY_DENSE)
+    gdn = flops_per_token(base.replace(kda_gate="gdn"), 9)
+    additive = flops_per_token(base.replace(kda_gate="gdn", kda_rule="additive"), 9)
+    assert additive["kda_projections"] == gdn["kda_projections"]
+    # per head (dk = dv = 4, C = 32): q·S and Kᵀ·V 2·(2·16), scores Q·Kᵀ 2·32·4, scores·V 2·32·4
+    assert additive["kda_core"] == 2 * (4 * 16 + 256 + 256)
+    assert additive["forward"] == gdn["forward"] - gdn["kda_core"] + additive["kda_core"]
+    assert kda_core_flops_per_head(128, 128, 64, rule="additive") == 98_304
+    assert kda_core_flops_per_head(128, 128, 64, count="paper", rule="additive") == 98_304
+    with pytest.raises(ValueError, match="rule"):
+        kda_core_flops_per_head(128, 128, 64, rule="mamba")
+
+
 def test_kda_core_counts_match_spec():
     assert kda_core_flops_per_head(128, 128, 64, count="paper") == 126_976  # kda_spec §7.1
     assert kda_core_flops_per_head(128, 128, 64) == pytest.approx(166e3, rel=0.01)  # §7.2 "≈ 166 K"
