@@ -8,7 +8,7 @@ PYTHON312 := $(shell for c in "python3.12" "env PYENV_VERSION=3.12.1 python3.12"
 	if $$c -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then echo "$$c"; break; fi; done)
 PYTEST_ARGS ?=
 
-.PHONY: install test test-all test-gpu bench clean train generate
+.PHONY: install test test-all test-gpu bench clean train generate synthetic
 
 $(VENV)/.installed: pyproject.toml
 	@if [ -z '$(PYTHON312)' ]; then echo "Python 3.12 not found (tried python3.12 and PYENV_VERSION=3.12.1 python3.12)"; exit 1; fi
@@ -41,6 +41,16 @@ train: data  ## the default run (configs/experiments/$(RUN).gin) into $(WORKDIR)
 
 generate: ## sample from the default run's newest checkpoint (make train first)
 	$(PY) -m kda_jax.inference.generate --workdir=$(WORKDIR) --prompt "$(PROMPT)" $(GEN_ARGS)
+
+synthetic: install  ## CPU: the KDA model on MQAR at length 256 (configs/experiments/synthetic/mqar_cpu.gin)
+	$(PY) -m kda_jax.train --gin_file=configs/experiments/synthetic/mqar_cpu.gin --workdir=runs/synthetic/mqar_cpu $(TRAIN_ARGS)
+
+COMPARE_DIR ?= runs/compare
+.PHONY: compare
+compare: data  ## the 3:1 hybrid vs its all-MLA twin, one recipe (~8 min on 2 CPU cores) -> $(COMPARE_DIR)/report/report.md
+	$(PY) -m kda_jax.train --gin_file=configs/experiments/compare_demo/hybrid.gin --workdir=$(COMPARE_DIR)/hybrid --no_progress
+	$(PY) -m kda_jax.train --gin_file=configs/experiments/compare_demo/mla_only.gin --workdir=$(COMPARE_DIR)/mla_only --no_progress
+	$(PY) -m kda_jax.compare --workdirs $(COMPARE_DIR)/hybrid $(COMPARE_DIR)/mla_only --labels hybrid_3to1 mla_only --out $(COMPARE_DIR)/report
 
 clean:
 	rm -rf $(VENV) .pytest_cache
