@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kda_jax.ops.inputs import canonicalize, expand_heads, pad_time
+from kda_jax.ops.reference import scan_recurrence
 
 LINEAR_ATTN_IMPLS = ("auto", "chunked", "reference")
 
@@ -73,23 +74,8 @@ def linear_attn_reference(q, k, v, g, beta, *, scale, initial_state=None, resets
     ``[B, T]`` bool or None. Returns (o ``[B, T, HV, V]`` in v.dtype, final state).
     """
     del chunk_size  # the recurrence has no chunks
-    B, T, HV, V = v.shape
-    K, out_dtype = q.shape[-1], v.dtype
-    dt = jnp.result_type(q.dtype, k.dtype, v.dtype, jnp.float32)
-    q, k = expand_heads(q, HV).astype(dt), expand_heads(k, HV).astype(dt)
-    v, g, beta = v.astype(dt), g.astype(dt), beta.astype(dt)
-    S0 = jnp.zeros((B, HV, K, V), dt) if initial_state is None else initial_state.astype(dt)
-    rs = jnp.zeros((B, T), bool) if resets is None else resets
-
-    def step(S, xs):
-        q_t, k_t, v_t, g_t, b_t, r_t = xs
-        S = jnp.where(r_t[:, None, None, None], 0.0, S)
-        o, S = linear_attn_step(S, q_t, k_t, v_t, g_t, b_t, scale)
-        return S, o
-
-    time_major = lambda x: jnp.moveaxis(x, 1, 0)
-    S_T, o = jax.lax.scan(step, S0, tuple(map(time_major, (q, k, v, g, beta, rs))))
-    return jnp.moveaxis(o, 0, 1).astype(out_dtype), S_T
+    return scan_recurrence(linear_attn_step, q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                           resets=resets)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,9 +30,13 @@ def recurrent_step(S, q_t, k_t, v_t, g_t, beta_t, scale):
     return o, S
 
 
-def kda_reference(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=None):
-    """Canonical inputs (see ``inputs.canonicalize``) -> (o ``[B, T, HV, V]`` in v.dtype, S_T)."""
-    del chunk_size  # the recurrence has no chunks
+def scan_recurrence(step_fn, q, k, v, g, beta, *, scale, initial_state=None, resets=None):
+    """A token-by-token recurrence as a ``lax.scan`` over time, in the promoted dtype (≥ float32).
+
+    ``step_fn(S, q_t, k_t, v_t, g_t, beta_t, scale) -> (o_t, S)`` is one token for a batch of heads;
+    inputs are canonical (``inputs.canonicalize``); a reset zeroes the state before its token.
+    Returns (o ``[B, T, HV, V]`` in v.dtype, S_T).
+    """
     B, T, HV, V = v.shape
     K, out_dtype = q.shape[-1], v.dtype
     dt = jnp.result_type(q.dtype, k.dtype, v.dtype, jnp.float32)
@@ -44,8 +48,14 @@ def kda_reference(q, k, v, g, beta, *, scale, initial_state=None, resets=None, c
     def step(S, xs):
         q_t, k_t, v_t, g_t, b_t, r_t = xs
         S = jnp.where(r_t[:, None, None, None], 0.0, S)
-        return recurrent_step(S, q_t, k_t, v_t, g_t, b_t, scale)[::-1]
+        return step_fn(S, q_t, k_t, v_t, g_t, b_t, scale)[::-1]
 
     time_major = lambda x: jnp.moveaxis(x, 1, 0)
     S_T, o = jax.lax.scan(step, S0, tuple(map(time_major, (q, k, v, g, beta, rs))))
     return jnp.moveaxis(o, 0, 1).astype(out_dtype), S_T
+
+
+def kda_reference(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=None):
+    """Canonical inputs (see ``inputs.canonicalize``) -> (o ``[B, T, HV, V]`` in v.dtype, S_T)."""
+    del chunk_size  # the recurrence has no chunks
+    return scan_recurrence(recurrent_step, q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets)
