@@ -87,23 +87,33 @@ def _pieces(cfg: DataConfig) -> tuple[packing.Corpus, np.ndarray, np.ndarray]:
     return corpus, packing.cut_pieces(train, cfg.seq_len), packing.cut_pieces(val, cfg.seq_len)
 
 
-def _process_rows(cfg: DataConfig, process_index: int | None,
-                  process_count: int | None) -> tuple[int, int, int]:
-    """(process_index, process_count, local batch rows), defaulting to this JAX process."""
+def process_rows(cfg, process_index: int | None, process_count: int | None) -> tuple[int, int, int]:
+    """(process_index, process_count, local batch rows) of ``cfg.batch_size`` global rows (a
+    ``DataConfig`` or a ``SyntheticConfig``), defaulting to this JAX process."""
     index = jax.process_index() if process_index is None else process_index
     count = jax.process_count() if process_count is None else process_count
     if not 0 <= index < count:
         raise ValueError(f"process_index must be in [0, process_count={count}), got {index}")
     if cfg.batch_size % count:
-        raise ValueError(f"DataConfig.batch_size={cfg.batch_size} (global rows) is not divisible by "
+        raise ValueError(f"{type(cfg).__name__}.batch_size={cfg.batch_size} (global rows) is not divisible by "
                          f"process_count={count}")
     return index, count, cfg.batch_size // count
+
+
+def with_workers(ds: grain.IterDataset, num_workers: int) -> grain.IterDataset:
+    """``ds`` produced by ``num_workers`` grain worker processes (``mp_prefetch``; 0: as is). The
+    workers take the batches round-robin, so the stream is the one without workers."""
+    if num_workers <= 0:
+        return ds
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (jax_stack_notes §7.1)
+        flags.FLAGS.mark_as_parsed()
+    return ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
 
 
 def train_pieces(cfg: DataConfig, *, process_index: int | None = None,
                  process_count: int | None = None) -> grain.MapDataset:
     """This process's infinite, shuffled stream of piece features, before packing."""
-    index, count, _ = _process_rows(cfg, process_index, process_count)
+    index, count, _ = process_rows(cfg, process_index, process_count)
     corpus, train, _ = _pieces(cfg)
     if len(train) == 0:
         raise ValueError(f"no training text at {cfg.path!r}: every training document is shorter "
@@ -118,15 +128,10 @@ def train_pieces(cfg: DataConfig, *, process_index: int | None = None,
 def train_dataset(cfg: DataConfig, *, process_index: int | None = None,
                   process_count: int | None = None) -> grain.IterDataset:
     """Infinite local batches (dicts of `[batch_size / process_count, seq_len]`, see `packing`)."""
-    _, _, rows = _process_rows(cfg, process_index, process_count)
+    _, _, rows = process_rows(cfg, process_index, process_count)
     pieces = train_pieces(cfg, process_index=process_index, process_count=process_count)
     ds = packing.pack(pieces.to_iter_dataset(_READ_OPTIONS), cfg.seq_len, rows)
-    ds = ds.batch(rows, drop_remainder=True)
-    if cfg.num_workers > 0:
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (jax_stack_notes §7.1)
-            flags.FLAGS.mark_as_parsed()
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    return ds
+    return with_workers(ds.batch(rows, drop_remainder=True), cfg.num_workers)
 
 
 def train_iterator(cfg: DataConfig, *, process_index: int | None = None,
@@ -140,7 +145,7 @@ def eval_batches(cfg: DataConfig, max_batches: int | None = None, *, process_ind
     """The validation batches, the same on every call: this process's rows of each global batch."""
     if max_batches is not None and max_batches < 0:
         raise ValueError(f"max_batches must be None or >= 0, got {max_batches}")
-    index, _, rows = _process_rows(cfg, process_index, process_count)
+    index, _, rows = process_rows(cfg, process_index, process_count)
     corpus, _, val = _pieces(cfg)
     if len(val) == 0 or max_batches == 0:
         return []

@@ -23,10 +23,9 @@ from __future__ import annotations
 import sys
 
 import grain
-import jax
 import numpy as np
-from absl import flags
 
+from kda_jax.data.pipeline import process_rows, with_workers
 from kda_jax.data.synthetic.config import SyntheticConfig
 from kda_jax.data.synthetic.tasks import make_example
 
@@ -38,19 +37,6 @@ _READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=256)
 
 def example_rng(seed: int, stream: int, index: int) -> np.random.Generator:
     return np.random.default_rng([stream, seed, index])
-
-
-def _process_rows(cfg: SyntheticConfig, process_index: int | None,
-                  process_count: int | None) -> tuple[int, int]:
-    """(process_index, local batch rows), defaulting to this JAX process."""
-    index = jax.process_index() if process_index is None else process_index
-    count = jax.process_count() if process_count is None else process_count
-    if not 0 <= index < count:
-        raise ValueError(f"process_index must be in [0, process_count={count}), got {index}")
-    if cfg.batch_size % count:
-        raise ValueError(f"SyntheticConfig.batch_size={cfg.batch_size} (global rows) is not divisible by "
-                         f"process_count={count}")
-    return index, cfg.batch_size // count
 
 
 class _Example:
@@ -68,15 +54,9 @@ class _Example:
 def synthetic_dataset(cfg: SyntheticConfig, *, process_index: int | None = None,
                       process_count: int | None = None) -> grain.IterDataset:
     """Infinite local batches (dicts of `[batch_size / process_count, seq_len]`, see `tasks`)."""
-    index, rows = _process_rows(cfg, process_index, process_count)
+    index, _, rows = process_rows(cfg, process_index, process_count)
     ds = grain.MapDataset.range(sys.maxsize).map(_Example(cfg, cfg.seed, TRAIN_STREAM, index, rows))
-    ds = ds.batch(rows, drop_remainder=True).to_iter_dataset(_READ_OPTIONS)
-    if cfg.num_workers > 0:
-        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (jax_stack_notes §7.1)
-            flags.FLAGS.mark_as_parsed()
-        # The workers take the batches round-robin, so the stream is the one without workers.
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-    return ds
+    return with_workers(ds.batch(rows, drop_remainder=True).to_iter_dataset(_READ_OPTIONS), cfg.num_workers)
 
 
 def synthetic_iterator(cfg: SyntheticConfig, *, process_index: int | None = None,
@@ -90,7 +70,7 @@ def synthetic_eval_batches(cfg: SyntheticConfig, num_batches: int, *, process_in
     """`num_batches` held-out batches from `eval_seed`, the same on every call: this process's rows."""
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 0:
         raise ValueError(f"num_batches must be an integer >= 0, got {num_batches!r}")
-    index, rows = _process_rows(cfg, process_index, process_count)
+    index, _, rows = process_rows(cfg, process_index, process_count)
     example = _Example(cfg, cfg.eval_seed, EVAL_STREAM, index, rows)
     return [{k: np.stack([ex[k] for ex in batch]) for k in batch[0]}
             for batch in ([example(b * rows + r) for r in range(rows)] for b in range(num_batches))]
