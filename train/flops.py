@@ -17,7 +17,7 @@ Per token, with D = hidden_size:
   unless ``output_gate == "none"``.
 - ``kda_core`` per KDA/GDN layer: H × ``kda_core_flops_per_head`` (chunk C = ``chunk_size``).
   GDN layers use the same count (fla runs the same chunked algorithm for both). The additive
-  rule (``kda_rule="additive"``, kda_jax/ops/linear_attn.py) has no L, inverse, W or U:
+  rule (``kda_rule="additive"``, kda_jax/ops/additive.py) has no L, inverse, W or U:
   ``4·dk·dv + 2·C·dk + 2·C·dv`` (state read and write; the dense C×C scores and their
   product with V), under either ``kda_count``.
 - ``mla_projections`` per MLA layer (kda_jax/layers/mla.py, K/V expanded per token, not
