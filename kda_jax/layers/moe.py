@@ -19,6 +19,8 @@ Dispatch:
   the tokens gathered into that order (each expert's group padded to a block multiple), the
   three expert matmuls run as ``grouped_matmul`` (block-wise forward and gradients over that
   buffer: ``grouped.py``), and the results un-sorted and summed over k with the routing weights.
+  When N*K <= E (decoding a few sequences) each assignment gathers its own expert's weights
+  instead (``gathered_experts``: reads N*K expert matrices, not one per buffer block).
 - ``"dense"``: every expert on every token, weighted by the sparse [N, E] routing matrix —
   O(N E F) work, the reference the sorted path is tested against.
 
@@ -48,7 +50,7 @@ from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
 from kda_jax.layers.common import Linear, default_kernel_init, param
-from kda_jax.layers.grouped import aligned_layout, grouped_matmul
+from kda_jax.layers.grouped import aligned_layout, buffer_rows, grouped_matmul
 from kda_jax.layers.mlp import SwiGLU
 
 DISPATCHES = ("sorted", "dense")
@@ -97,13 +99,37 @@ def dense_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype):
     return jnp.einsum("ned,ne->nd", out_NED, combine_NE)
 
 
+# Matmul flops an accelerator does in the time it reads one byte (H100 bf16: ~990 TFLOP/s over
+# ~3.35 TB/s); weighs a block's weight read against its padding rows in ``_block_rows``.
+_FLOPS_PER_BYTE = 256
+
+
 def _block_rows(M: int, E: int) -> int:
-    """Rows per expert block of the aligned buffer: the largest power of two in [8, 128] whose
-    worst-case padding, E * (block - 1) rows, stays within an eighth of the M assignments."""
-    block = 128
-    while block > 8 and E * (block - 1) > M // 8:
-        block //= 2
-    return block
+    """Rows per expert block of the aligned buffer, a power of two in [8, 128], minimising
+    compute + weight traffic: ``L`` buffer rows cost ``2 L`` flops per weight element, and each
+    of the ``L / block`` blocks reads its expert's matrix (2 bytes per element). Small blocks
+    waste fewer padding rows, large ones read the weights less often (decode-sized batches)."""
+    def cost(block):
+        L = buffer_rows(M, E, block)
+        return 2 * L + _FLOPS_PER_BYTE * 2 * (L // block)
+
+    return min((8, 16, 32, 64, 128), key=cost)
+
+
+def gathered_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_expert=0):
+    """Each assignment multiplies its own gathered expert weights: reads exactly ``N * K`` expert
+    matrices, the least possible when there are fewer assignments than experts (decoding a few
+    sequences). Assignments to experts outside ``first_expert .. first_expert + E`` contribute zero."""
+    E = w1_EDF.shape[0]
+    local_NK = idx_NK - first_expert
+    live_NK = (local_NK >= 0) & (local_NK < E)
+    e_NK = jnp.clip(local_NK, 0, E - 1)
+    x_ND = x_ND.astype(dtype)
+    mm = dict(preferred_element_type=jnp.float32)
+    h1_NKF = jnp.einsum("nd,nkdf->nkf", x_ND, w1_EDF[e_NK].astype(dtype), **mm)
+    h3_NKF = jnp.einsum("nd,nkdf->nkf", x_ND, w3_EDF[e_NK].astype(dtype), **mm)
+    out_NKD = jnp.einsum("nkf,nkfd->nkd", _glu(h1_NKF, h3_NKF, dtype), w2_EFD[e_NK].astype(dtype), **mm)
+    return jnp.einsum("nkd,nk->nd", out_NKD, jnp.where(live_NK, w_NK, 0.0))
 
 
 def sorted_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_expert=0):
@@ -111,9 +137,12 @@ def sorted_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_expe
 
     The assignments are laid out expert by expert in a block-aligned buffer (``grouped.py``) so the
     weight gradients stay ``[E, D, F]``-sized; assignments to experts outside the range are
-    dropped and contribute zero.
+    dropped and contribute zero. With no more assignments than experts (decode) the buffer's
+    per-block weight reads would exceed the ``N * K`` matrices needed: ``gathered_experts`` instead.
     """
     (N, K), E = idx_NK.shape, w1_EDF.shape[0]
+    if N * K <= E:
+        return gathered_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_expert)
     local_M = idx_NK.reshape(-1) - first_expert  # M = N * K assignments, token-major
     group_M = jnp.where((local_M >= 0) & (local_M < E), local_M, E).astype(jnp.int32)
     layout = aligned_layout(group_M, E, _block_rows(N * K, E))

@@ -97,6 +97,37 @@ def test_sorted_matches_dense_values_and_grads(cfg):
         assert rel_rmse(a[...], b[...]) < 1e-6, path
 
 
+@pytest.mark.parametrize("cfg", [SMALL, NO_SHARED], ids=["E8k2_shared", "E6k3_noshared"])
+def test_few_tokens_gathered_path_matches_dense_values_and_grads(cfg):
+    """N * K <= E (decode-sized calls) takes the per-assignment gather path of the sorted dispatch."""
+    x = _x(B=1, T=2, seed=3)
+    assert x.shape[0] * x.shape[1] * cfg["top_k"] <= cfg["num_experts"]
+    (gp_s, gx_s), y_s = _loss_and_grads(_moe(cfg, bias_scale=0.1), x)
+    (gp_d, gx_d), y_d = _loss_and_grads(_moe(cfg, bias_scale=0.1, dispatch="dense"), x)
+    assert rel_rmse(y_s, y_d) < 1e-6
+    assert rel_rmse(gx_s, gx_d) < 1e-6
+    for (path, a), (_, b) in zip(nnx.to_flat_state(gp_s), nnx.to_flat_state(gp_d)):
+        assert rel_rmse(a[...], b[...]) < 1e-6, path
+
+
+def test_gathered_path_drops_experts_outside_the_local_range():
+    from kda_jax.layers.moe import gathered_experts, sorted_experts
+
+    rng = np.random.default_rng(5)
+    E, D_, F, N, K = 8, 12, 6, 5, 2  # N * K > E: sorted_experts takes the block path
+    w1, w3 = (jnp.asarray(rng.standard_normal((E, D_, F)), jnp.float32) for _ in range(2))
+    w2 = jnp.asarray(rng.standard_normal((E, F, D_)), jnp.float32)
+    x = jnp.asarray(rng.standard_normal((N, D_)), jnp.float32)
+    idx = jnp.asarray(rng.integers(0, E, (N, K)), jnp.int32)
+    w = jnp.asarray(rng.random((N, K)), jnp.float32)
+    for first in (0, 3):  # local experts first .. first + 4: the others give zero
+        local = (w1[first:first + 4], w3[first:first + 4], w2[first:first + 4])
+        a = gathered_experts(x, idx, w, *local, jnp.float32, first_expert=first)
+        b = sorted_experts(x, idx, w, *local, jnp.float32, first_expert=first)
+        assert np.abs(np.asarray(b)).max() > 0
+        assert rel_rmse(a, b) < 1e-6
+
+
 @pytest.mark.parametrize("dispatch", ["sorted", "dense"])
 @pytest.mark.parametrize("cfg", [SMALL, NO_SHARED], ids=["E8k2_shared", "E6k3_noshared"])
 def test_matches_numpy_reference(cfg, dispatch):
