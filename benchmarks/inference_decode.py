@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from kda_jax.inference import cache_bytes, empty_cache  # noqa: E402
+from kda_jax.inference.generator import decode_step, prefill_step  # noqa: E402
 from kda_jax.models import HybridDecoder, count_params, get_config, variant  # noqa: E402
 
 
@@ -47,29 +48,36 @@ def _median_time(fn, repeats):
 
 
 def measure(model, config, ctx, args):
+    """One context: the library's jitted steps (``prefill_step``, ``decode_step``) on the split model,
+    so the numbers are what ``Generator`` users get (no per-call ``nnx.jit`` graph traversal)."""
     rec = {"context": ctx}
     max_len = ctx + args.decode_steps
     per_seq = cache_bytes(config, max_len, 1)
     rec["cache_bytes_per_seq"] = per_seq
+    graphdef, state = nnx.split(model)
+    if args.prefill_memory_only:  # compile only: XLA's temporary bytes for this prefill, nothing run
+        spec = jax.ShapeDtypeStruct((1, ctx), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
+        mem = prefill_step.lower(graphdef, state, *spec, max_len=max_len).compile().memory_analysis()
+        rec["prefill_temp_bytes"] = mem.temp_size_in_bytes
+        return rec
     if not args.no_prefill:
-        prefill = nnx.jit(lambda m, t, n: m.prefill(t, n, max_len)[0][:, -1])
         toks = jnp.asarray(np.random.default_rng(ctx).integers(0, config.vocab_size, (1, ctx)), jnp.int32)
         n = jnp.asarray([ctx])
+        prefill = lambda: prefill_step(graphdef, state, toks, n, max_len=max_len)[0]
         t0 = time.perf_counter()
-        jax.block_until_ready(prefill(model, toks, n))
+        jax.block_until_ready(prefill())
         rec["prefill_compile_s"] = time.perf_counter() - t0
-        rec["prefill_s"] = _median_time(lambda: prefill(model, toks, n), args.repeats)
+        rec["prefill_s"] = _median_time(prefill, args.repeats)
         rec["prefill_tokens_per_s"] = ctx / rec["prefill_s"]
-    step = nnx.jit(lambda m, t, c: m.decode(t, c), donate_argnums=2)
     fill = int(args.fill_gib * 2**30 // per_seq["total"])
     for label, batch in (("batch1", 1), ("filled", max(fill, 1))):
         cache = empty_cache(config, batch, max_len, pos=ctx)
         tok = jnp.zeros((batch, 1), jnp.int32)
-        logits, cache = step(model, tok, cache)  # compile
+        logits, cache = decode_step(graphdef, state, tok, cache)  # compile
         jax.block_until_ready(logits)
         t0 = time.perf_counter()
         for _ in range(args.decode_steps - 1):
-            logits, cache = step(model, tok, cache)
+            logits, cache = decode_step(graphdef, state, tok, cache)
         jax.block_until_ready(logits)
         dt = (time.perf_counter() - t0) / (args.decode_steps - 1)
         rec[label] = {"batch": batch, "step_s": dt, "tokens_per_s": batch / dt}
@@ -114,6 +122,9 @@ def table(result):
             if "error" in r:
                 print(f"{name:10} {r['context']:>8} {r['error'][:60]}")
                 continue
+            if "prefill_temp_bytes" in r:
+                print(f"{name:10} {r['context']:>8} prefill temporaries {r['prefill_temp_bytes'] / 2**30:.2f} GiB")
+                continue
             pre = f"{r['prefill_s']:.3f}" if "prefill_s" in r else "-"
             print(f"{name:10} {r['context']:>8} {pre:>10} {r['batch1']['tokens_per_s']:10.1f} "
                   f"{r['filled']['tokens_per_s']:9.1f} ({r['filled']['batch']:>3}) "
@@ -155,6 +166,8 @@ def main():
     ap.add_argument("--fill_gib", type=float, default=40.0, help="cache memory the filled batch may use")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--no_prefill", action="store_true")
+    ap.add_argument("--prefill_memory_only", action="store_true",
+                    help="only compile each prefill and record its temporary bytes (no table)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, help="draw the PNG of a result file and exit")
     args = ap.parse_args()

@@ -21,15 +21,17 @@ import argparse
 import datetime
 import json
 import os
+import pathlib
 import subprocess
 import tempfile
 import time
 
+CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"  # the checkout's (works with a non-editable install)
 MIXERS = {"kda": None, "gdn": "gdn_hybrid", "mamba2": "mamba2_hybrid"}
 
 
 def run_one(task, length, mixer, lr, args, workdir):
-    from kda_jax.train.config import CONFIG_DIR, parse
+    from kda_jax.train.config import parse
     from kda_jax.train.loop import train
     from kda_jax.train.metrics import read_metrics
 
@@ -40,7 +42,7 @@ def run_one(task, length, mixer, lr, args, workdir):
               "TrainConfig.keep_checkpoints = 1"]
     if MIXERS[mixer]:
         params.append(f"ModelSpec.variant = '{MIXERS[mixer]}'")
-    run = parse([CONFIG_DIR / "experiments" / "synthetic" / f"{task}.gin"], params + args.gin_param)
+    run = parse([CONFIGS / "experiments" / "synthetic" / f"{task}.gin"], params + args.gin_param)
     t0 = time.perf_counter()
     train(run, workdir, progress=False)
     rows = [r for r in read_metrics(workdir) if "val_token_accuracy" in r]

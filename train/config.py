@@ -19,7 +19,9 @@ from kda_jax.data import DataConfig
 from kda_jax.data.synthetic import SyntheticConfig
 from kda_jax.models import ModelConfig, get_config, hybrid_layout, variant
 
-CONFIG_DIR = pathlib.Path(__file__).resolve().parents[1] / "configs"
+# The checkout's configs/ (editable install); with a non-editable install, the working directory's.
+CONFIG_DIR = next((d for d in (pathlib.Path(__file__).resolve().parents[1] / "configs", pathlib.Path.cwd() / "configs")
+                   if d.is_dir()), pathlib.Path(__file__).resolve().parents[1] / "configs")
 
 
 @gin.configurable

@@ -12,6 +12,12 @@ bf16/fp16 inputs it runs cuDNN flash attention (V zero-padded to the q/k head di
 sliced back) — on a single device: under a multi-device mesh "auto" uses XLA, because jit's
 partitioning of the cuDNN call failed there (measured on 2 H100s); elsewhere the XLA softmax with
 float32 logits. Both compute the same function.
+
+Prefill (``MLAttention.prefill``) must not hold ``[B, H, T, T]`` scores or a ``[B, 1, T, T]``
+mask: at T = 32K with 16 heads the XLA softmax needs 64 GiB of float32 logits (and the cuDNN
+call turns a boolean mask into a dense bias). ``prefill_attention`` keeps memory linear in T:
+cuDNN with the left padding hidden by one extra key feature (``_hide_padding_keys``), else a
+block-wise online softmax in XLA (``blockwise_attention``).
 """
 
 from __future__ import annotations
@@ -60,6 +66,84 @@ def causal_attention(q, k, v, *, scale, segment_ids=None, impl="auto"):
     logits = jnp.where(visible, logits, -jnp.inf)
     p = jax.nn.softmax(logits, axis=-1)
     return jnp.einsum("bhqk,bkhd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+# Query/key rows per block of ``blockwise_attention``: [B, H, 512, 512] float32 scores (16 MiB per
+# row and head group) are live at a time, whatever T.
+ATTN_BLOCK = 512
+# Added to the scores of hidden (padding) keys: exp underflows to exactly 0 in float32. A power of
+# two, so it is exact in bf16.
+_HIDE = 2.0 ** 15
+
+
+def blockwise_attention(q, k, v, *, scale, segment_ids=None, block=ATTN_BLOCK):
+    """``causal_attention`` (impl "xla") in O(T) memory: query blocks one by one (``lax.map``), each
+    an online softmax over the key blocks up to its own (a loop of dynamic length, so the masked
+    upper triangle costs nothing). Forward only (prefill). q, k ``[B, T, H, Dk]``, v ``[B, T, H, Dv]``."""
+    B, T, H, _ = q.shape
+    Dv = v.shape[-1]
+    C = min(block, T)
+    n = -(-T // C)
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, n * C - T)] + [(0, 0)] * (a.ndim - 2))
+    seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+    qb, kb, vb, sb = (pad(a).reshape(B, n, C, *a.shape[2:]) for a in (q, k, v, seg))
+    idx = jnp.arange(C)
+
+    def one_query_block(i):
+        qi, si = qb[:, i], sb[:, i]                                   # [B, C, H, Dk], [B, C]
+
+        def step(j, carry):
+            m, l, acc = carry
+            s = jnp.einsum("bqhd,bkhd->bhqk", qi, kb[:, j], preferred_element_type=jnp.float32) * scale
+            visible = ((i * C + idx)[:, None] >= (j * C + idx)[None, :])[None, None] \
+                & (si[:, :, None] == sb[:, j][:, None, :])[:, None]
+            s = jnp.where(visible, s, -jnp.inf)
+            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)      # rows with nothing visible yet
+            p = jnp.exp(s - m_safe[..., None])
+            corr = jnp.exp(m - m_safe)
+            pv = jnp.einsum("bhqk,bkhd->bhqd", p.astype(v.dtype), vb[:, j], preferred_element_type=jnp.float32)
+            return m_new, l * corr + jnp.sum(p, axis=-1), acc * corr[..., None] + pv
+
+        init = (jnp.full((B, H, C), -jnp.inf, jnp.float32), jnp.zeros((B, H, C), jnp.float32),
+                jnp.zeros((B, H, C, Dv), jnp.float32))
+        _, l, acc = jax.lax.fori_loop(0, i + 1, step, init)
+        return (acc / l[..., None]).transpose(0, 2, 1, 3)             # [B, C, H, Dv]; l > 0: own key
+
+    o = jax.lax.map(one_query_block, jnp.arange(n))                   # [n, B, C, H, Dv]
+    return o.transpose(1, 0, 2, 3, 4).reshape(B, n * C, H, Dv)[:, :T].astype(v.dtype)
+
+
+def _hide_padding_keys(q, k, segment_ids):
+    """One extra feature per head: 1 in every query, −2¹⁵ in the keys outside each row's last
+    document (0 elsewhere), so their scores drop by ≥ 2¹⁵·scale ≥ 2048 (head dim ≤ 256) and their
+    softmax weight is exactly 0. Causal attention over the result is causal attention masked to
+    the last document for that document's queries, with no mask tensor (cuDNN turns masks into a
+    dense ``[B, 1, T, T]`` bias). Queries of earlier documents (a prefill's left padding) get
+    finite, meaningless outputs. The head dim grows to the next multiple of 8 (zeros), as cuDNN
+    requires."""
+    Dk = q.shape[-1]
+    width = -(-(Dk + 1) // 8) * 8 - Dk
+    hidden = (segment_ids != segment_ids[:, -1:])[:, :, None]          # [B, T, 1]: over heads
+    q_extra = jnp.zeros(q.shape[:-1] + (width,), q.dtype).at[..., 0].set(1)
+    k_extra = jnp.zeros(k.shape[:-1] + (width,), k.dtype).at[..., 0].set(jnp.where(hidden, -_HIDE, 0))
+    return jnp.concatenate([q, q_extra], -1), jnp.concatenate([k, k_extra], -1)
+
+
+def prefill_attention(q, k, v, *, scale, segment_ids=None, impl="auto"):
+    """Causal attention for prefill in memory linear in T, exact for the queries of each row's last
+    document (the prompt; with ``segment_ids`` None, every query).
+
+    cuDNN flash attention where ``causal_attention`` would use it and the key-hiding feature fits
+    its head-dim limit; otherwise ``blockwise_attention`` (any segment ids, exact everywhere).
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl must be one of {ATTENTION_IMPLS}, got {impl!r}")
+    if _use_cudnn(impl, q) and q.shape[-1] + 8 <= 256:
+        if segment_ids is not None:
+            q, k = _hide_padding_keys(q, k, segment_ids)
+        return causal_attention(q, k, v, scale=scale, impl="cudnn")
+    return blockwise_attention(q, k, v, scale=scale, segment_ids=segment_ids)
 
 
 def apply_rope(x, positions, theta):
@@ -135,14 +219,16 @@ class MLAttention(nnx.Module):
 
     def prefill(self, x: jax.Array, segment_ids: jax.Array | None, positions: jax.Array, max_len: int,
                 cache_dtype=jnp.bfloat16) -> tuple[jax.Array, MLACache]:
-        """``__call__`` on the prompt (expanded attention) that also writes the latent cache,
-        ``max_len`` slots (the prompt's latents in the first T, zeros after)."""
+        """``__call__`` on the prompt (expanded attention, ``prefill_attention``: memory linear in T)
+        that also writes the latent cache, ``max_len`` slots (the prompt's latents in the first T,
+        zeros after). Outputs are exact for each row's last document (its prompt); positions of
+        earlier documents (left padding) are finite but meaningless."""
         B, T, _ = x.shape
         if T > max_len:
             raise ValueError(f"the prompt ({T} tokens) is longer than the cache ({max_len})")
         q, c, k_pe = self.project(x, positions)
         k, v = self.expand(c, k_pe)
-        o = causal_attention(q, k, v, scale=self.scale, segment_ids=segment_ids, impl=self.impl)
+        o = prefill_attention(q, k, v, scale=self.scale, segment_ids=segment_ids, impl=self.impl)
         pad = lambda a: jnp.pad(a.astype(cache_dtype), ((0, 0), (0, max_len - T), (0, 0)))
         return self.o_proj(o.reshape(B, T, self.num_heads * self.v_dim)), MLACache(latent=pad(c), k_pe=pad(k_pe))
 

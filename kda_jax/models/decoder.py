@@ -146,13 +146,17 @@ class HybridDecoder(nnx.Module):
         return jnp.einsum("btd,dv->btv", x, head.astype(c.compute_dtype), preferred_element_type=jnp.float32)
 
     def prefill(self, tokens: jax.Array, prompt_lengths: jax.Array, max_len: int,
-                cache_dtype=jnp.bfloat16) -> tuple[jax.Array, Cache]:
+                cache_dtype=jnp.bfloat16, *, last_only: bool = False) -> tuple[jax.Array, Cache]:
         """Run left-padded prompts and build the inference cache.
 
         tokens ``[B, T]``: row b holds its prompt in the last ``prompt_lengths[b]`` slots (padding
         before it is ignored: it is a separate document). Returns the logits ``[B, T, vocab]``
-        (the next token of row b comes from position T − 1) and a ``Cache`` of ``max_len`` slots
-        whose next write position is T.
+        (the next token of row b comes from position T − 1; logits at padding positions are
+        meaningless) and a ``Cache`` of ``max_len`` slots whose next write position is T.
+        ``last_only``: logits ``[B, 1, vocab]`` of position T − 1 only — what generation needs; the
+        full float32 logits are ``T × vocab × 4`` bytes per row (80 GiB at 128K tokens and a 160K
+        vocabulary), and XLA does not move a later ``[:, -1]`` slice in front of the head matmul.
+        Memory is linear in T (MLA prefill runs ``prefill_attention``).
         """
         B, T = tokens.shape
         if prompt_lengths.shape != (B,):
@@ -165,7 +169,8 @@ class HybridDecoder(nnx.Module):
         for block in self.layers:
             x, c = block.prefill(x, segment_ids, positions, max_len, cache_dtype)
             caches.append(c)
-        return self._logits(x), Cache(layers=tuple(caches), start=start, pos=jnp.asarray(T, jnp.int32))
+        logits = self._logits(x[:, -1:] if last_only else x)
+        return logits, Cache(layers=tuple(caches), start=start, pos=jnp.asarray(T, jnp.int32))
 
     def decode(self, tokens: jax.Array, cache: Cache) -> tuple[jax.Array, Cache]:
         """S new tokens ``[B, S]`` per row after the cached ones → (logits ``[B, S, vocab]``, cache)."""

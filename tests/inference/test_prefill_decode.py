@@ -98,3 +98,53 @@ def test_cache_errors_name_the_problem():
         m.prefill(jnp.zeros((2, 10), jnp.int32), jnp.full((3,), 10), max_len=16)
     with pytest.raises(ValueError, match="seq_len and batch"):
         cache_bytes(m.config, -1, 1)
+
+
+def _prefill_temp_bytes(cfg, T):
+    """Compiled temporary bytes of a batch-1 prefill of T tokens (compiled only, never run)."""
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: HybridDecoder(cfg, rngs=nnx.Rngs(0))))
+    fn = jax.jit(lambda s, t, n: nnx.merge(graphdef, s).prefill(t, n, T, last_only=True))
+    spec = (jax.ShapeDtypeStruct((1, T), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32))
+    return fn.lower(state, *spec).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_prefill_memory_is_linear_in_length():
+    """4x the tokens, < 6x the temporary memory: no [B, H, T, T] scores or [T, T] masks (4.0x with
+    ``prefill_attention``; the XLA softmax over the whole prompt gave 23x here, and needs 64 GiB of
+    float32 scores at 32K tokens for scaling_653m)."""
+    cfg = get_config("tiny", dtype="float32")
+    small, large = _prefill_temp_bytes(cfg, 1024), _prefill_temp_bytes(cfg, 4096)
+    assert large / small < 6, (small, large)
+
+
+def test_prefill_last_only_gives_the_last_logits():
+    m = _model("hybrid")
+    toks = jnp.asarray(np.random.default_rng(0).integers(0, m.config.vocab_size, (2, 11)), jnp.int32)
+    lens = jnp.asarray([11, 4])
+    full, c1 = m.prefill(toks, lens, max_len=16)
+    last, c2 = m.prefill(toks, lens, max_len=16, last_only=True)
+    assert last.shape == (2, 1, m.config.vocab_size) and rel_rmse(last, full[:, -1:]) < 1e-6
+    assert all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(c1), jax.tree.leaves(c2)))
+
+
+def test_prefill_attention_paths_equal_masked_attention():
+    """``blockwise_attention`` (any block size, any segments) equals the XLA softmax; the cuDNN
+    path's key-hiding feature, run through the XLA softmax, equals it on each row's last document."""
+    from kda_jax.layers.mla import _hide_padding_keys, blockwise_attention, causal_attention
+
+    rng = np.random.default_rng(0)
+    q, k = (jnp.asarray(rng.standard_normal((2, 37, 3, 24)), jnp.float32) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((2, 37, 3, 16)), jnp.float32)
+    seg = jnp.asarray(np.stack([np.r_[np.zeros(10), np.ones(27)], np.r_[np.zeros(5), np.ones(12), 2 * np.ones(20)]]),
+                      jnp.int32)
+    for s in (None, seg):
+        ref = causal_attention(q, k, v, scale=0.2, segment_ids=s, impl="xla")
+        for block in (8, 16, 64):
+            np.testing.assert_allclose(blockwise_attention(q, k, v, scale=0.2, segment_ids=s, block=block), ref,
+                                       atol=2e-6)
+    qa, ka = _hide_padding_keys(q, k, seg)
+    assert qa.shape[-1] % 8 == 0
+    got = causal_attention(qa, ka, v, scale=0.2, impl="xla")
+    last = np.asarray(seg == seg[:, -1:])[:, :, None, None]
+    assert bool(jnp.isfinite(got).all())
+    np.testing.assert_allclose(np.where(last, got, 0), np.where(last, ref, 0), atol=1e-6)
