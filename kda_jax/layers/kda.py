@@ -126,12 +126,13 @@ class KDAMixer(nnx.Module):
         o = self.o_norm(o, gate)
         return self.o_proj(o.reshape(*o.shape[:-2], -1))
 
-    def _chunked(self, x, segment_ids, final_state):
-        (q, k, v), conv = self._qkv(x, segment_ids, None)
+    def _chunked(self, x, segment_ids, final_state, init=None):
+        """The chunked op over x; ``init`` = (state, conv caches) before x (zeros when None)."""
+        (q, k, v), conv = self._qkv(x, segment_ids, None if init is None else init[1])
         g, beta, gate_args = self._gate_beta(x)
         op = ops.linear_attn if self.rule == "additive" else ops.kda if self.gate == "kda" else ops.gdn
         o, S = op(q, k, v, g, beta, segment_ids=segment_ids, chunk_size=self.chunk_size, impl=self.impl,
-                  output_final_state=final_state, **gate_args)
+                  initial_state=None if init is None else init[0], output_final_state=final_state, **gate_args)
         return self._output(o, x), S, conv
 
     def __call__(self, x: jax.Array, segment_ids: jax.Array | None = None) -> jax.Array:
@@ -139,16 +140,53 @@ class KDAMixer(nnx.Module):
         self._check(x)
         return self._chunked(x, segment_ids, False)[0]
 
-    def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None) -> tuple[jax.Array, KDACache]:
+    def _last_document_conv(self, conv, segment_ids):
+        """Zero the conv-cache entries (the last W-1 inputs) outside each row's last document."""
+        if not conv or segment_ids is None:
+            return conv
+        P = self.conv_size - 1
+        seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], P, axis=1), segment_ids], axis=1)[:, -P:]
+        same = (seg == segment_ids[:, -1:])[..., None]
+        return tuple(jnp.where(same, c, 0) for c in conv)
+
+    def prefill(self, x: jax.Array, segment_ids: jax.Array | None = None, *,
+                segment: int | None = None) -> tuple[jax.Array, KDACache]:
         """``__call__`` that also returns the cache after the last token: the float32 state and the
-        short convs' last inputs, both of each row's last document (earlier documents are zeroed)."""
+        short convs' last inputs, both of each row's last document (earlier documents are zeroed).
+
+        ``segment``: run the prompt in time segments of that many tokens (a ``lax.scan`` carrying
+        the state and conv caches, reset where a segment starts a new document), so the op's
+        temporaries — its per-channel sub-chunk decay ratios are ~128 KB per token and head group
+        in float32 — are those of one segment, whatever T. Same result as one call.
+        """
         self._check(x)
-        y, S, conv = self._chunked(x, segment_ids, True)
-        if conv and segment_ids is not None:  # the cache's entries, by the document they came from
-            P = self.conv_size - 1
-            seg = jnp.concatenate([jnp.repeat(segment_ids[:, :1], P, axis=1), segment_ids], axis=1)[:, -P:]
-            same = (seg == segment_ids[:, -1:])[..., None]
-            conv = tuple(jnp.where(same, c, 0) for c in conv)
+        B, T, _ = x.shape
+        if segment is None or T <= segment:
+            y, S, conv = self._chunked(x, segment_ids, True)
+            return y, KDACache(state=S, conv=self._last_document_conv(conv, segment_ids))
+        n = -(-T // segment)
+        seg = jnp.zeros((B, T), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+        # front padding: its own document (id below the first), so it never reaches the prompt
+        x = jnp.pad(x, ((0, 0), (n * segment - T, 0), (0, 0)))
+        seg = jnp.concatenate([jnp.broadcast_to(seg[:, :1] - 1, (B, n * segment - T)), seg], axis=1)
+        xs = x.reshape(B, n, segment, -1).swapaxes(0, 1)
+        ss = seg.reshape(B, n, segment).swapaxes(0, 1)
+        S0 = jnp.zeros((B, self.num_heads, self.head_dim, self.head_dim), jnp.float32)
+        conv0 = tuple(jnp.zeros((B, self.conv_size - 1, self.num_heads * self.head_dim), x.dtype)
+                      for _ in range(3 if self.conv_size else 0))
+
+        def body(carry, inputs):
+            S, conv, prev_doc = carry
+            x_i, s_i = inputs
+            keep = prev_doc == s_i[:, 0]  # the carried state belongs to this segment's first document
+            S = jnp.where(keep[:, None, None, None], S, 0.0)
+            conv = tuple(jnp.where(keep[:, None, None], c, 0).astype(x.dtype) for c in conv)
+            y_i, S, conv = self._chunked(x_i, s_i, True, (S, conv))
+            conv = tuple(c.astype(x.dtype) for c in self._last_document_conv(conv, s_i))
+            return (S, conv, s_i[:, -1]), y_i
+
+        (S, conv, _), ys = jax.lax.scan(body, (S0, conv0, ss[0, :, 0]), (xs, ss))
+        y = ys.swapaxes(0, 1).reshape(B, n * segment, -1)[:, n * segment - T:]
         return y, KDACache(state=S, conv=conv)
 
     def decode(self, x: jax.Array, cache: KDACache) -> tuple[jax.Array, KDACache]:

@@ -39,6 +39,12 @@ class DecoderOutput:
         return sum((s.aux_loss for s in self.router_stats), jnp.zeros((), jnp.float32))
 
 
+# Prompt tokens per KDA/FFN segment in ``HybridDecoder.prefill``: at the 653M scaling size one
+# segment's temporaries are a few GiB (KDA's chunk tensors, the MoE's sorted buffers in float32),
+# against 43–63 GiB for a whole 32K-token prompt (measured with XLA's memory analysis).
+PREFILL_SEGMENT = 8192
+
+
 class Block(nnx.Module):
     def __init__(self, config: ModelConfig, layer: int, *, rngs: nnx.Rngs):
         c = config
@@ -83,13 +89,23 @@ class Block(nnx.Module):
             h, stats = self.mlp(h), None
         return x + h, stats
 
-    def prefill(self, x, segment_ids, positions, max_len, cache_dtype):
+    def prefill(self, x, segment_ids, positions, max_len, cache_dtype, segment=None):
+        """``__call__`` on a prompt that also builds this layer's cache. With ``segment``, the KDA
+        mixer and the FFN run ``segment`` tokens at a time (MLA's prefill attention is already
+        linear in T), so the temporaries stay those of one segment at any prompt length."""
         h = self.input_layernorm(x)
         if self.is_kda:
-            h, cache = self.self_attn.prefill(h, segment_ids)
+            h, cache = self.self_attn.prefill(h, segment_ids, segment=segment)
         else:
             h, cache = self.self_attn.prefill(h, segment_ids, positions, max_len, cache_dtype)
-        return self._ffn(x + h, None)[0], cache
+        x = x + h
+        T = x.shape[1]
+        if segment is None or T <= segment:
+            return self._ffn(x, None)[0], cache
+        n = -(-T // segment)  # position-wise: pad the tail, map over segments, drop the padding
+        xs = jnp.pad(x, ((0, 0), (0, n * segment - T), (0, 0))).reshape(x.shape[0], n, segment, -1)
+        ys = jax.lax.map(lambda x_i: self._ffn(x_i, None)[0], xs.swapaxes(0, 1))
+        return ys.swapaxes(0, 1).reshape(x.shape[0], n * segment, -1)[:, :T], cache
 
     def decode(self, x, cache, start, pos, positions):
         h = self.input_layernorm(x)
@@ -146,7 +162,8 @@ class HybridDecoder(nnx.Module):
         return jnp.einsum("btd,dv->btv", x, head.astype(c.compute_dtype), preferred_element_type=jnp.float32)
 
     def prefill(self, tokens: jax.Array, prompt_lengths: jax.Array, max_len: int,
-                cache_dtype=jnp.bfloat16, *, last_only: bool = False) -> tuple[jax.Array, Cache]:
+                cache_dtype=jnp.bfloat16, *, last_only: bool = False,
+                segment: int | None = PREFILL_SEGMENT) -> tuple[jax.Array, Cache]:
         """Run left-padded prompts and build the inference cache.
 
         tokens ``[B, T]``: row b holds its prompt in the last ``prompt_lengths[b]`` slots (padding
@@ -156,7 +173,9 @@ class HybridDecoder(nnx.Module):
         ``last_only``: logits ``[B, 1, vocab]`` of position T − 1 only — what generation needs; the
         full float32 logits are ``T × vocab × 4`` bytes per row (80 GiB at 128K tokens and a 160K
         vocabulary), and XLA does not move a later ``[:, -1]`` slice in front of the head matmul.
-        Memory is linear in T (MLA prefill runs ``prefill_attention``).
+        Memory is linear in T (MLA prefill runs ``prefill_attention``), and with ``segment`` the
+        KDA layers and FFNs hold the temporaries of ``segment`` tokens only (``Block.prefill``);
+        ``None`` runs every layer over the whole prompt at once (same result).
         """
         B, T = tokens.shape
         if prompt_lengths.shape != (B,):
@@ -167,7 +186,7 @@ class HybridDecoder(nnx.Module):
         x = jnp.take(self.embed_tokens[...], tokens, axis=0).astype(self.config.compute_dtype)
         caches = []
         for block in self.layers:
-            x, c = block.prefill(x, segment_ids, positions, max_len, cache_dtype)
+            x, c = block.prefill(x, segment_ids, positions, max_len, cache_dtype, segment)
             caches.append(c)
         logits = self._logits(x[:, -1:] if last_only else x)
         return logits, Cache(layers=tuple(caches), start=start, pos=jnp.asarray(T, jnp.int32))

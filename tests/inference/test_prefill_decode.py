@@ -148,3 +148,25 @@ def test_prefill_attention_paths_equal_masked_attention():
     last = np.asarray(seg == seg[:, -1:])[:, :, None, None]
     assert bool(jnp.isfinite(got).all())
     np.testing.assert_allclose(np.where(last, got, 0), np.where(last, ref, 0), atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["hybrid", pytest.param("gdn_hybrid", marks=pytest.mark.slow),
+                                  pytest.param("mamba2_hybrid", marks=pytest.mark.slow)])
+def test_segmented_prefill_equals_one_pass(name):
+    """KDA layers and FFNs run in time segments (state and conv caches carried, reset at a new
+    document): the same logits and caches as one pass, with the left padding ending inside a
+    segment and exactly on a segment boundary (T = 50 runs as 64 = 14 front + 50 with segment 16,
+    so row 1's 18 padding tokens end at 32; as 75 = 25 + 50 with segment 25, row 2's at 50)."""
+    m = _model(name)
+    T = 50
+    toks = jnp.asarray(np.random.default_rng(11).integers(0, m.config.vocab_size, (3, T)), jnp.int32)
+    lens = jnp.asarray([50, 32, 25])
+    full, cache = m.prefill(toks, lens, 64, jnp.float32, segment=None)
+    for segment in (16, 25):
+        logits, seg_cache = m.prefill(toks, lens, 64, jnp.float32, segment=segment)
+        for b, n in enumerate(np.asarray(lens)):  # the prompt positions of each row
+            assert rel_rmse(logits[b, T - n:], full[b, T - n:]) < 1e-5, (segment, b)
+        leaves, seg_leaves = jax.tree.leaves(cache), jax.tree.leaves(seg_cache)
+        assert len(leaves) == len(seg_leaves)
+        for a, s in zip(leaves, seg_leaves):
+            assert np.abs(np.asarray(a)).max() == 0 or rel_rmse(s, a) < 1e-5, segment
