@@ -70,7 +70,7 @@ def measure(model, config, ctx, args):
         rec["prefill_s"] = _median_time(prefill, args.repeats)
         rec["prefill_tokens_per_s"] = ctx / rec["prefill_s"]
     fill = int(args.fill_gib * 2**30 // per_seq["total"])
-    for label, batch in (("batch1", 1), ("filled", max(fill, 1))):
+    for label, batch in () if args.no_decode else (("batch1", 1), ("filled", max(fill, 1))):
         cache = empty_cache(config, batch, max_len, pos=ctx)
         tok = jnp.zeros((batch, 1), jnp.int32)
         logits, cache = decode_step(graphdef, state, tok, cache)  # compile
@@ -126,6 +126,9 @@ def table(result):
                 print(f"{name:10} {r['context']:>8} prefill temporaries {r['prefill_temp_bytes'] / 2**30:.2f} GiB")
                 continue
             pre = f"{r['prefill_s']:.3f}" if "prefill_s" in r else "-"
+            if "batch1" not in r:
+                print(f"{name:10} {r['context']:>8} {pre:>10}")
+                continue
             print(f"{name:10} {r['context']:>8} {pre:>10} {r['batch1']['tokens_per_s']:10.1f} "
                   f"{r['filled']['tokens_per_s']:9.1f} ({r['filled']['batch']:>3}) "
                   f"{r['cache_bytes_per_seq']['total'] / 2**20:13.1f}")
@@ -166,6 +169,7 @@ def main():
     ap.add_argument("--fill_gib", type=float, default=40.0, help="cache memory the filled batch may use")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--no_prefill", action="store_true")
+    ap.add_argument("--no_decode", action="store_true", help="prefill timings only")
     ap.add_argument("--prefill_memory_only", action="store_true",
                     help="only compile each prefill and record its temporary bytes (no table)")
     ap.add_argument("--out", default=None)
