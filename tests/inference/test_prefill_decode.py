@@ -170,3 +170,23 @@ def test_segmented_prefill_equals_one_pass(name):
         assert len(leaves) == len(seg_leaves)
         for a, s in zip(leaves, seg_leaves):
             assert np.abs(np.asarray(a)).max() == 0 or rel_rmse(s, a) < 1e-5, segment
+
+
+def test_absorbed_decode_reads_a_bf16_cache_without_a_float32_copy():
+    """Decode over a bf16 latent cache: close to the float32 result, and no float32 copy of the
+    cache among the step's temporaries (XLA memory analysis, cache 4096 slots)."""
+    mla = MLAttention(48, 3, rngs=nnx.Rngs(0), kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
+                      v_head_dim=12, use_rope=False)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((2, 40, 48)), jnp.float32)
+    pos = jnp.broadcast_to(jnp.arange(40), (2, 40))
+    start = jnp.zeros((2,), jnp.int32)
+    outs = {}
+    for dt in (jnp.float32, jnp.bfloat16):
+        _, cache = mla.prefill(x[:, :39], None, pos[:, :39], max_len=4096, cache_dtype=dt)
+        outs[dt] = mla.decode(x[:, 39:], cache, start, jnp.asarray(39), pos[:, 39:])[0]
+    assert rel_rmse(outs[jnp.bfloat16], outs[jnp.float32]) < 2e-2
+    graphdef, state = nnx.split(mla)
+    step = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).decode(x, c, start, jnp.asarray(39), pos[:, 39:]))
+    temp = step.lower(state, x[:, 39:], cache).compile().memory_analysis().temp_size_in_bytes
+    latent_f32_bytes = cache.latent.size * 4
+    assert temp < latent_f32_bytes / 2, (temp, latent_f32_bytes)
