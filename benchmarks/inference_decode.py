@@ -71,18 +71,26 @@ def measure(model, config, ctx, args):
         rec["prefill_tokens_per_s"] = ctx / rec["prefill_s"]
     fill = int(args.fill_gib * 2**30 // per_seq["total"])
     for label, batch in () if args.no_decode else (("batch1", 1), ("filled", max(fill, 1))):
-        cache = empty_cache(config, batch, max_len, pos=ctx)
-        tok = jnp.zeros((batch, 1), jnp.int32)
-        logits, cache = decode_step(graphdef, state, tok, cache)  # compile
-        jax.block_until_ready(logits)
-        t0 = time.perf_counter()
-        for _ in range(args.decode_steps - 1):
-            logits, cache = decode_step(graphdef, state, tok, cache)
-        jax.block_until_ready(logits)
-        dt = (time.perf_counter() - t0) / (args.decode_steps - 1)
-        rec[label] = {"batch": batch, "step_s": dt, "tokens_per_s": batch / dt}
-        del cache
+        try:
+            rec[label] = _decode(graphdef, state, config, batch, max_len, ctx, args)
+        except Exception as e:  # out of memory for the filled batch: keep the batch-1 figure
+            rec[label] = {"batch": batch, "error": f"{type(e).__name__}: {str(e)[:400]}"}
+            traceback.print_exc()
     return rec
+
+
+def _decode(graphdef, state, config, batch, max_len, ctx, args):
+    """Decode tokens/s of ``batch`` sequences positioned at ``ctx`` (a zero cache of the right shape)."""
+    cache = empty_cache(config, batch, max_len, pos=ctx)
+    tok = jnp.zeros((batch, 1), jnp.int32)
+    logits, cache = decode_step(graphdef, state, tok, cache)  # compile
+    jax.block_until_ready(logits)
+    t0 = time.perf_counter()
+    for _ in range(args.decode_steps - 1):
+        logits, cache = decode_step(graphdef, state, tok, cache)
+    jax.block_until_ready(logits)
+    dt = (time.perf_counter() - t0) / (args.decode_steps - 1)
+    return {"batch": batch, "step_s": dt, "tokens_per_s": batch / dt}
 
 
 def run(args):
@@ -129,8 +137,9 @@ def table(result):
             if "batch1" not in r:
                 print(f"{name:10} {r['context']:>8} {pre:>10}")
                 continue
-            print(f"{name:10} {r['context']:>8} {pre:>10} {r['batch1']['tokens_per_s']:10.1f} "
-                  f"{r['filled']['tokens_per_s']:9.1f} ({r['filled']['batch']:>3}) "
+            tps = lambda d: f"{d['tokens_per_s']:.1f}" if "tokens_per_s" in d else "failed"
+            print(f"{name:10} {r['context']:>8} {pre:>10} {tps(r['batch1']):>10} "
+                  f"{tps(r['filled']):>9} ({r['filled']['batch']:>3}) "
                   f"{r['cache_bytes_per_seq']['total'] / 2**20:13.1f}")
 
 
@@ -144,7 +153,7 @@ def plot(path):
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, label in zip(axes, ("batch1", "filled")):
         for name, v in result["variants"].items():
-            runs = [r for r in v["runs"] if label in r]
+            runs = [r for r in v["runs"] if "tokens_per_s" in r.get(label, {})]
             ax.plot([r["context"] for r in runs], [r[label]["tokens_per_s"] for r in runs], "o-", label=name)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
