@@ -29,7 +29,7 @@ from nbclient.exceptions import CellExecutionError
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NOTEBOOK_DIR = ROOT / "notebooks"
 NOTEBOOKS = sorted(NOTEBOOK_DIR.glob("*.ipynb"))
-SLOW: set[str] = {"02_model_and_training.ipynb"}  # ~1 min of training: `make test-all` (suite budget)
+SLOW: set[str] = {"02_model_and_training.ipynb", "03_comparison.ipynb"}  # ~1 min each: `make test-all` (suite budget)
 CELL_TIMEOUT_S = 900
 ALLOWED_NEW_ENTRIES = {"data"}           # the corpus may be fetched into data/shakespeare
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")

@@ -53,14 +53,23 @@ def _run(trainer, batches):
 
 
 def test_sharded_step_equals_single_device_step():
+    # eps = 1e-3 for the reason given in test_gradient_accumulation_equals_one_batch: with Adam's tiny
+    # default eps a near-zero gradient entry (rows of the embedding no token used) becomes an update
+    # of ±lr whose sign float32 reordering decides, so the comparison would measure rounding luck
+    # (1.1e-5 with eps 1e-8 after the MoE block size changed from 8 to 128 rows, 1.0e-7 with eps 1e-3);
+    # the losses compare
+    # the forward and the first update with no such amplification.
+    optim = OptimConfig(learning_rate=1e-2, warmup_steps=2, eps=1e-3)
     batches = [_batch(seed=s) for s in range(2)]
-    one, l1 = _run(_trainer(MeshConfig(fsdp=1), jax.devices()[:1]), batches)
-    many, l8 = _run(_trainer(MeshConfig(data=2, fsdp=2, tensor=2, expert=1)), batches)
-    ep, le = _run(_trainer(MeshConfig(data=1, fsdp=2, tensor=1, expert=4)), batches)
+    one, l1 = _run(_trainer(MeshConfig(fsdp=1), jax.devices()[:1], optim=optim), batches)
+    many, l8 = _run(_trainer(MeshConfig(data=2, fsdp=2, tensor=2, expert=1), optim=optim), batches)
+    ep, le = _run(_trainer(MeshConfig(data=1, fsdp=2, tensor=1, expert=4), optim=optim), batches)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     np.testing.assert_allclose(le, l1, rtol=1e-5)
+    worst = 0.0
     for a, b, c in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(many["params"]), jax.tree.leaves(ep["params"])):
-        assert ref_rel(b, a) < 1e-5 and ref_rel(c, a) < 1e-5
+        worst = max(worst, ref_rel(b, a), ref_rel(c, a))
+    assert worst < 1e-5, worst
 
 
 def test_gradient_accumulation_equals_one_batch():
@@ -119,7 +128,7 @@ def test_loss_falls_and_router_biases_move(name):
     assert max(moved) > 0
 
 
-@pytest.mark.parametrize("name", ["adamw", "muon"])
+@pytest.mark.parametrize("name", ["adamw", pytest.param("muon", marks=pytest.mark.slow)])
 def test_bf16_master_weights_keep_their_dtypes_and_compile_once(name):
     """bf16 parameters and moments stay bf16 after float32 updates: the state always matches the abstract
     state (what checkpoints restore into) and the step compiles once."""
