@@ -18,6 +18,7 @@ per (task, length) with a curve per mixer (the best learning rate of each, as th
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -43,12 +44,15 @@ def run_one(task, length, mixer, lr, args, workdir):
     if MIXERS[mixer]:
         params.append(f"ModelSpec.variant = '{MIXERS[mixer]}'")
     run = parse([CONFIGS / "experiments" / "synthetic" / f"{task}.gin"], params + args.gin_param)
+    if args.kda_impl:  # e.g. "chunked": the pure-JAX path instead of the GPU kernel (an A/B of the two)
+        run = dataclasses.replace(run, model=run.model.replace(kda_impl=args.kda_impl))
     t0 = time.perf_counter()
     train(run, workdir, progress=False)
     rows = [r for r in read_metrics(workdir) if "val_token_accuracy" in r]
     curve = [{"step": r["step"], "token_accuracy": r["val_token_accuracy"], "exact_match": r["val_exact_match"],
               "val_loss": r["val_loss"]} for r in rows]
     return {"task": task, "seq_len": length, "mixer": mixer, "lr": lr, "steps": args.steps, "batch": args.batch,
+            "kda_impl": run.model.kda_impl,
             "wall_s": time.perf_counter() - t0, "curve": curve,
             "peak_token_accuracy": max((c["token_accuracy"] for c in curve), default=None),
             "peak_exact_match": max((c["exact_match"] for c in curve), default=None)}
@@ -96,6 +100,7 @@ def main():
     ap.add_argument("--eval_every", type=int, default=100)
     ap.add_argument("--eval_batches", type=int, default=2)
     ap.add_argument("--gin_param", action="append", default=[], help="extra bindings for every run")
+    ap.add_argument("--kda_impl", default=None, help="ModelConfig.kda_impl for every run (default: the config's, auto)")
     ap.add_argument("--budget_s", type=float, default=None, help="start no run after this many seconds")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, help="draw the PNG of a result file and exit")

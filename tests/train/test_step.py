@@ -57,8 +57,7 @@ def test_sharded_step_equals_single_device_step():
     # default eps a near-zero gradient entry (rows of the embedding no token used) becomes an update
     # of ±lr whose sign float32 reordering decides, so the comparison would measure rounding luck
     # (1.1e-5 with eps 1e-8 after the MoE block size changed from 8 to 128 rows, 1.0e-7 with eps 1e-3);
-    # the losses compare
-    # the forward and the first update with no such amplification.
+    # the losses compare the forward and the first update with no such amplification.
     optim = OptimConfig(learning_rate=1e-2, warmup_steps=2, eps=1e-3)
     batches = [_batch(seed=s) for s in range(2)]
     one, l1 = _run(_trainer(MeshConfig(fsdp=1), jax.devices()[:1], optim=optim), batches)
