@@ -22,17 +22,15 @@ import dataclasses
 import datetime
 import json
 import os
-import pathlib
 import subprocess
 import tempfile
 import time
 
-CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"  # the checkout's (works with a non-editable install)
 MIXERS = {"kda": None, "gdn": "gdn_hybrid", "mamba2": "mamba2_hybrid"}
 
 
 def run_one(task, length, mixer, lr, args, workdir):
-    from kda_jax.train.config import parse
+    from kda_jax.train.config import CONFIG_DIR, parse
     from kda_jax.train.loop import train
     from kda_jax.train.metrics import read_metrics
 
@@ -43,7 +41,7 @@ def run_one(task, length, mixer, lr, args, workdir):
               "TrainConfig.keep_checkpoints = 1"]
     if MIXERS[mixer]:
         params.append(f"ModelSpec.variant = '{MIXERS[mixer]}'")
-    run = parse([CONFIGS / "experiments" / "synthetic" / f"{task}.gin"], params + args.gin_param)
+    run = parse([CONFIG_DIR / "experiments" / "synthetic" / f"{task}.gin"], params + args.gin_param)
     if args.kda_impl:  # e.g. "chunked": the pure-JAX path instead of the GPU kernel (an A/B of the two)
         run = dataclasses.replace(run, model=run.model.replace(kda_impl=args.kda_impl))
     t0 = time.perf_counter()

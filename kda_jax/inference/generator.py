@@ -54,14 +54,14 @@ class Generator:
         self.model, self.max_len, self.sampling, self.pad_multiple = model, max_len, sampling, pad_multiple
         self.graphdef = graphdef = nnx.split(model)[0]
 
-        def prefill(state, tokens, lengths, key):
-            logits, cache = nnx.merge(graphdef, state).prefill(tokens, lengths, max_len, cache_dtype, last_only=True)
+        def prefill(state, tokens, lengths, key):  # the library's steps, inlined, with sampling fused
+            logits, cache = prefill_step(graphdef, state, tokens, lengths, max_len=max_len, cache_dtype=cache_dtype)
             if mesh is not None:  # a sharded model: shard the cache the same way (``cache_shardings``)
                 cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
-            return sample(logits[:, -1], key, sampling), cache
+            return sample(logits, key, sampling), cache
 
         def step(state, tokens, cache, key):
-            logits, cache = nnx.merge(graphdef, state).decode(tokens[:, None], cache)
+            logits, cache = decode_step(graphdef, state, tokens[:, None], cache)
             return sample(logits[:, 0], key, sampling), cache
 
         self._prefill = jax.jit(prefill)

@@ -65,3 +65,17 @@ def check_batch(batch: dict[str, np.ndarray], rows: int, seq_len: int):
             assert batch["loss_mask"][r][t] == (1.0 if same_next else 0.0), (r, t)
             if seg[t] == 0:
                 assert tokens[t] == 0
+
+
+def take(it, n):
+    """The next n batches of an iterator."""
+    return [next(it) for _ in range(n)]
+
+
+def assert_same(batches_a, batches_b):
+    """Two lists of batches (dicts of arrays) are equal, key by key."""
+    assert len(batches_a) == len(batches_b)
+    for a, b in zip(batches_a, batches_b):
+        assert sorted(a) == sorted(b)
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k], err_msg=k)

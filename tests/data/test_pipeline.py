@@ -8,7 +8,7 @@ import pytest
 from kda_jax.data import (DataConfig, eval_batches, load_corpus, split_documents, train_dataset,
                           train_iterator, train_pieces)
 from kda_jax.data.pipeline import _pieces
-from tests.data.helpers import batch_pieces, check_batch, doc_of, tagged_docs, write_docs
+from tests.data.helpers import assert_same, batch_pieces, check_batch, doc_of, tagged_docs, take, write_docs
 
 SEQ, ROWS = 16, 4
 
@@ -18,18 +18,6 @@ def cfg(tmp_path):
     """20 documents of 10-50 bytes (about one epoch per 8 batches), 4 held out."""
     write_docs(tmp_path / "corpus", tagged_docs(20, min_len=10, max_len=50))
     return DataConfig(path=str(tmp_path / "corpus"), seq_len=SEQ, batch_size=ROWS, val_fraction=0.2)
-
-
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
-def assert_same(batches_a, batches_b):
-    assert len(batches_a) == len(batches_b)
-    for a, b in zip(batches_a, batches_b):
-        assert sorted(a) == sorted(b)
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def split_docs(cfg):

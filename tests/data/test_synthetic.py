@@ -16,26 +16,14 @@ import pytest
 from kda_jax.data import DataConfig, train_iterator
 from kda_jax.data.synthetic import (SyntheticConfig, answer_metrics, summarize, synthetic_dataset,
                                     synthetic_eval_batches, synthetic_iterator)
-from tests.data.helpers import DTYPES, tagged_docs, write_docs
+from tests.data.helpers import DTYPES, assert_same, tagged_docs, take, write_docs
 
 PAD, SEP, PUSH, POP, FIRST = 0, 1, 2, 3, 4
 ROWS = 8
 
 
-def take(it, n):
-    return [next(it) for _ in range(n)]
-
-
 def local(cfg, process_index=0, process_count=1):
     return synthetic_iterator(cfg, process_index=process_index, process_count=process_count)
-
-
-def assert_same(batches_a, batches_b):
-    assert len(batches_a) == len(batches_b)
-    for a, b in zip(batches_a, batches_b):
-        assert sorted(a) == sorted(b)
-        for k in a:
-            np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def rows_of(batches):
