@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from kda_jax.inference import cache_bytes, empty_cache  # noqa: E402
-from kda_jax.inference.generator import decode_step, prefill_step  # noqa: E402
+from kda_jax.inference.generator import ModelSteps  # noqa: E402
 from kda_jax.models import HybridDecoder, count_params, get_config, variant  # noqa: E402
 
 
@@ -48,22 +48,22 @@ def _median_time(fn, repeats):
 
 
 def measure(model, config, ctx, args):
-    """One context: the library's jitted steps (``prefill_step``, ``decode_step``) on the split model,
-    so the numbers are what ``Generator`` users get (no per-call ``nnx.jit`` graph traversal)."""
+    """One context: the library's jitted steps (``ModelSteps``), so the numbers are what ``Generator``
+    users get."""
     rec = {"context": ctx}
     max_len = ctx + args.decode_steps
     per_seq = cache_bytes(config, max_len, 1)
     rec["cache_bytes_per_seq"] = per_seq
-    graphdef, state = nnx.split(model)
+    steps = ModelSteps(model)
     if args.prefill_memory_only:  # compile only: XLA's temporary bytes for this prefill, nothing run
         spec = jax.ShapeDtypeStruct((1, ctx), jnp.int32), jax.ShapeDtypeStruct((1,), jnp.int32)
-        mem = prefill_step.lower(graphdef, state, *spec, max_len=max_len).compile().memory_analysis()
+        mem = steps.prefill.lower(steps.leaves, *spec, max_len=max_len).compile().memory_analysis()
         rec["prefill_temp_bytes"] = mem.temp_size_in_bytes
         return rec
     if not args.no_prefill:
         toks = jnp.asarray(np.random.default_rng(ctx).integers(0, config.vocab_size, (1, ctx)), jnp.int32)
         n = jnp.asarray([ctx])
-        prefill = lambda: prefill_step(graphdef, state, toks, n, max_len=max_len)[0]
+        prefill = lambda: steps.prefill(steps.leaves, toks, n, max_len=max_len)[0]
         t0 = time.perf_counter()
         jax.block_until_ready(prefill())
         rec["prefill_compile_s"] = time.perf_counter() - t0
@@ -72,22 +72,22 @@ def measure(model, config, ctx, args):
     fill = int(args.fill_gib * 2**30 // per_seq["total"])
     for label, batch in () if args.no_decode else (("batch1", 1), ("filled", max(fill, 1))):
         try:
-            rec[label] = _decode(graphdef, state, config, batch, max_len, ctx, args)
+            rec[label] = _decode(steps, config, batch, max_len, ctx, args)
         except Exception as e:  # out of memory for the filled batch: keep the batch-1 figure
             rec[label] = {"batch": batch, "error": f"{type(e).__name__}: {str(e)[:400]}"}
             traceback.print_exc()
     return rec
 
 
-def _decode(graphdef, state, config, batch, max_len, ctx, args):
+def _decode(steps, config, batch, max_len, ctx, args):
     """Decode tokens/s of ``batch`` sequences positioned at ``ctx`` (a zero cache of the right shape)."""
     cache = empty_cache(config, batch, max_len, pos=ctx)
     tok = jnp.zeros((batch, 1), jnp.int32)
-    logits, cache = decode_step(graphdef, state, tok, cache)  # compile
+    logits, cache = steps.decode(steps.leaves, tok, cache)  # compile
     jax.block_until_ready(logits)
     t0 = time.perf_counter()
     for _ in range(args.decode_steps - 1):
-        logits, cache = decode_step(graphdef, state, tok, cache)
+        logits, cache = steps.decode(steps.leaves, tok, cache)
     jax.block_until_ready(logits)
     dt = (time.perf_counter() - t0) / (args.decode_steps - 1)
     return {"batch": batch, "step_s": dt, "tokens_per_s": batch / dt}

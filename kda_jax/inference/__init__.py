@@ -6,11 +6,12 @@ from kda_jax.inference.sampling import Sampling, sample
 
 
 def __getattr__(name):  # Generator imports flax.nnx jit machinery; the layers import this package
-    if name == "Generator":
-        from kda_jax.inference.generator import Generator
+    if name in ("Generator", "ModelSteps"):
+        from kda_jax.inference import generator
 
-        return Generator
+        return getattr(generator, name)
     raise AttributeError(name)
 
 
-__all__ = ["Cache", "KDACache", "MLACache", "cache_bytes", "cache_shardings", "empty_cache", "tree_bytes", "Sampling", "sample", "Generator"]
+__all__ = ["Cache", "KDACache", "MLACache", "cache_bytes", "cache_shardings", "empty_cache", "tree_bytes", "Sampling", "sample", "Generator",
+           "ModelSteps"]
