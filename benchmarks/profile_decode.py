@@ -56,6 +56,9 @@ def profile(args):
     for _ in range(args.warmup):
         logits, cache = steps.decode(steps.leaves, tok, cache)
     jax.block_until_ready(logits)
+    if args.hlo:  # the optimized HLO, to map the profile's fusion names to the model's ops
+        with open(args.hlo, "w") as f:
+            f.write(steps.decode.lower(steps.leaves, tok, cache).compile().as_text())
     t0 = time.perf_counter()
     for _ in range(args.steps):
         logits, cache = steps.decode(steps.leaves, tok, cache)
@@ -91,7 +94,8 @@ def main():
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--top", type=int, default=25)
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--out", default=None, help="append the record as one JSON line")
+    ap.add_argument("--hlo", default=None, help="write the step's optimized HLO text here")
     args = ap.parse_args()
     rec = profile(args)
     print(f"{rec['gpu']} {rec['variant']} ctx {rec['context']} batch {rec['batch']}: wall {rec['wall_ms_per_step']:.3f} ms,"
