@@ -33,7 +33,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from kda_jax.inference import cache_bytes, empty_cache  # noqa: E402
+from kda_jax.inference import cache_bytes, cache_slots, empty_cache  # noqa: E402
 from kda_jax.inference.generator import ModelSteps  # noqa: E402
 from kda_jax.models import HybridDecoder, count_params, get_config, variant  # noqa: E402
 
@@ -51,7 +51,7 @@ def measure(model, config, ctx, args):
     """One context: the library's jitted steps (``ModelSteps``), so the numbers are what ``Generator``
     users get."""
     rec = {"context": ctx}
-    max_len = ctx + args.decode_steps
+    max_len = cache_slots(ctx + args.decode_steps)  # the slots Generator would allocate
     per_seq = cache_bytes(config, max_len, 1)
     rec["cache_bytes_per_seq"] = per_seq
     steps = ModelSteps(model)

@@ -26,7 +26,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from kda_jax.inference import empty_cache  # noqa: E402
+from kda_jax.inference import cache_slots, empty_cache  # noqa: E402
 from kda_jax.inference.generator import ModelSteps  # noqa: E402
 from kda_jax.models import HybridDecoder, get_config, variant  # noqa: E402
 
@@ -51,7 +51,7 @@ def profile(args):
     base = get_config(args.preset, dtype=args.dtype, param_dtype=args.dtype)
     config = base if args.variant == "hybrid" else variant(base, args.variant)
     steps = ModelSteps(HybridDecoder(config, rngs=nnx.Rngs(0)))
-    cache = empty_cache(config, args.batch, args.context + args.steps + args.warmup + 1, pos=args.context)
+    cache = empty_cache(config, args.batch, cache_slots(args.context + 2 * args.steps + args.warmup + 1), pos=args.context)
     tok = jnp.zeros((args.batch, 1), jnp.int32)
     for _ in range(args.warmup):
         logits, cache = steps.decode(steps.leaves, tok, cache)

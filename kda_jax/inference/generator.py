@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kda_jax.inference.cache import cache_shardings
+from kda_jax.inference.cache import cache_shardings, cache_slots
 from kda_jax.inference.sampling import Sampling, sample
 
 
@@ -66,9 +66,9 @@ class Generator:
     """Generate from a ``HybridDecoder`` for batches of prompts of different lengths.
 
     Prompts are left-padded to a multiple of ``pad_multiple`` (so few prompt lengths compile),
-    the cache holds ``max_len`` slots; decoding compiles once and updates the cache in place. With
-    ``mesh`` (a model created sharded on it) the cache is sharded by ``cache_shardings``. Each
-    ``generate`` reads the model's current parameters (one ``nnx.split`` per call, not per step).
+    the cache holds ``max_len`` tokens (``cache_slots(max_len)`` slots); decoding compiles once and
+    updates the cache in place. With ``mesh`` (a model created sharded on it) the cache is sharded
+    by ``cache_shardings``. Each ``generate`` reads the model's current parameters (one ``nnx.split`` per call, not per step).
     """
 
     def __init__(self, model, *, max_len: int, sampling: Sampling = Sampling(), cache_dtype=jnp.bfloat16,
@@ -77,7 +77,7 @@ class Generator:
         self.steps = steps = ModelSteps(model)
 
         def prefill(leaves, tokens, lengths, key):  # the library's steps, inlined, with sampling fused
-            logits, cache = steps.prefill(leaves, tokens, lengths, max_len=max_len, cache_dtype=cache_dtype)
+            logits, cache = steps.prefill(leaves, tokens, lengths, max_len=cache_slots(max_len), cache_dtype=cache_dtype)
             if mesh is not None:  # a sharded model: shard the cache the same way (``cache_shardings``)
                 cache = jax.lax.with_sharding_constraint(cache, cache_shardings(cache, mesh))
             return sample(logits, key, sampling), cache

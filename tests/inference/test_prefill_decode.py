@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kda_jax.inference import cache_bytes, empty_cache, tree_bytes
+from kda_jax.inference import MLACache, cache_bytes, cache_slots, empty_cache, tree_bytes
 from kda_jax.layers import MLAttention
 from kda_jax.models import HybridDecoder, get_config, variant
 from tests.ops.helpers import rel_rmse
@@ -190,3 +190,26 @@ def test_absorbed_decode_reads_a_bf16_cache_without_a_float32_copy():
     temp = step.lower(state, x[:, 39:], cache).compile().memory_analysis().temp_size_in_bytes
     latent_f32_bytes = cache.latent.size * 4
     assert temp < latent_f32_bytes / 2, (temp, latent_f32_bytes)
+
+
+def test_cache_slots_round_up_to_the_slot_multiple():
+    assert [cache_slots(n) for n in (0, 1, 1024, 1025, 131084)] == [0, 1024, 1024, 2048, 132096]
+    with pytest.raises(ValueError, match="tokens must be >= 0"):
+        cache_slots(-1)
+
+
+@pytest.mark.gpu
+def test_gpu_decode_step_has_no_copy_of_the_latent_cache():
+    """One MLA layer of the 653M model, batch 1, a cache of ``cache_slots(131_084)`` slots: no copy
+    of the latent among the step's temporaries (at 131,084 slots XLA's split-K product pads the
+    whole cache every step: 143.7 MB, measured on an H100)."""
+    slots = cache_slots(131_084)
+    mla = MLAttention(1216, 16, rngs=nnx.Rngs(0), kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                      v_head_dim=128, use_rope=False, dtype=jnp.bfloat16)
+    x = jnp.zeros((1, 1, 1216), jnp.bfloat16)
+    cache = MLACache(latent=jnp.zeros((1, slots, 512), jnp.bfloat16), k_pe=jnp.zeros((1, slots, 64), jnp.bfloat16))
+    start, at = jnp.zeros((1,), jnp.int32), jnp.asarray(131072)
+    graphdef, state = nnx.split(mla)
+    step = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).decode(x, c, start, at, jnp.full((1, 1), 131072)))
+    temp = step.lower(state, x, cache).compile().memory_analysis().temp_size_in_bytes
+    assert temp < tree_bytes(cache) / 8, (temp, tree_bytes(cache))
