@@ -202,7 +202,8 @@ def test_cache_slots_round_up_to_the_slot_multiple():
 def test_gpu_decode_step_has_no_copy_of_the_latent_cache():
     """One MLA layer of the 653M model, batch 1, a cache of ``cache_slots(131_084)`` slots: no copy
     of the latent among the step's temporaries (at 131,084 slots XLA's split-K product pads the
-    whole cache every step: 143.7 MB, measured on an H100)."""
+    whole cache every step: 143.7 MB of temporaries, measured on an H100; 21.1 MB at these slots,
+    mostly the float32 scores and weights)."""
     slots = cache_slots(131_084)
     mla = MLAttention(1216, 16, rngs=nnx.Rngs(0), kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                       v_head_dim=128, use_rope=False, dtype=jnp.bfloat16)
@@ -212,4 +213,4 @@ def test_gpu_decode_step_has_no_copy_of_the_latent_cache():
     graphdef, state = nnx.split(mla)
     step = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).decode(x, c, start, at, jnp.full((1, 1), 131072)))
     temp = step.lower(state, x, cache).compile().memory_analysis().temp_size_in_bytes
-    assert temp < tree_bytes(cache) / 8, (temp, tree_bytes(cache))
+    assert temp < tree_bytes(cache) / 2, (temp, tree_bytes(cache))  # a copy needs at least the latent's bytes
