@@ -13,7 +13,7 @@ Per token, with D = hidden_size:
 - ``embedding_head``: the LM head ``2·D·V`` (also when tied).
 - ``kda_projections`` per KDA/GDN layer, W = H·d (kda_jax/layers/kda.py): q, k, v, o
   ``4·2·D·W``; short convs ``3·2·K·W`` (depthwise, K taps); forget gate ``2·D·r + 2·r·W``
-  (low rank r, default d) or ``2·D·H`` (GDN); β ``2·D·H``; output gate ``2·D·r + 2·r·W``
+  (low rank r, default d) or ``2·D·H`` (GDN); β ``2·D·H`` (delta rule only); output gate ``2·D·r + 2·r·W``
   unless ``output_gate == "none"``.
 - ``kda_core`` per KDA/GDN layer: H × ``kda_core_flops_per_head`` (chunk C = ``chunk_size``).
   GDN layers use the same count (fla runs the same chunked algorithm for both). The additive
@@ -79,7 +79,8 @@ def _kda_projections(c: ModelConfig) -> int:
     flops = 4 * 2 * D * W                      # q, k, v, o
     flops += 3 * 2 * c.short_conv_kernel_size * W
     flops += 2 * D * r + 2 * r * W if c.kda_gate == "kda" else 2 * D * H
-    flops += 2 * D * H                         # beta
+    if c.kda_rule == "delta":                  # beta (the additive rule writes with the decay's dt)
+        flops += 2 * D * H
     if c.output_gate != "none":
         flops += 2 * D * r + 2 * r * W
     return flops

@@ -12,10 +12,15 @@ does), and ``gate="gdn"``: one decay per head and token from ``f_proj`` (hidden 
 A_log ``[H]`` and dt_bias ``[H]`` — Gated DeltaNet through the same op code path.
 A_log, dt_bias, g and beta are float32 and never weight-decayed.
 
-``rule`` picks the state update: "delta" (KDA / GDN) or "additive" (S ← a·S + β·k vᵀ,
+``rule`` picks the state update: "delta" (KDA / GDN) or "additive" (S ← a·S + dt·k vᵀ,
 ``ops.linear_attn``): with the scalar gate this is the "Mamba2-like" baseline of the paper's
-synthetic tasks (kimi_linear_model §5), so "additive" requires ``gate="gdn"``. Parameters and
-the cache are the same for both rules.
+synthetic tasks (kimi_linear_model §5), so "additive" requires ``gate="gdn"``. As in Mamba2's
+discretisation (decay exp(−A·dt), input scaled by dt) the write strength is the decay's own step
+dt = softplus(f_proj(x) + dt_bias), not a separate β: remembering longer also means writing
+more weakly. (A free β made the baseline much stronger than Mamba2: on MQAR with 128-token rows
+and 31 pairs, 600 steps on a CPU, it reached 53.0% answer accuracy against KDA's 25.2% and GDN's
+4.4%; with the coupled write it reaches 3.4%.) The additive rule has no b_proj; the cache is the
+same for both rules.
 """
 
 from __future__ import annotations
@@ -88,7 +93,8 @@ class KDAMixer(nnx.Module):
             self.f_proj = Linear(hidden, num_heads, ("embed", None), **f32)
             self.dt_bias = param(rngs, dt_bias_init, (num_heads,), (None,), no_decay=True)
         self.A_log = param(rngs, a_log_init, (num_heads,), (None,), no_decay=True)
-        self.b_proj = Linear(hidden, num_heads, ("embed", None), **f32)
+        if rule == "delta":  # the additive rule writes with the decay's own step (``_gate_beta``)
+            self.b_proj = Linear(hidden, num_heads, ("embed", None), **f32)
         if output_gate != "none":
             self.g_a_proj = Linear(hidden, rank, ("embed", "gate_rank"), **kw)
             self.g_b_proj = Linear(rank, width, ("gate_rank", "heads"), **kw)
@@ -119,6 +125,9 @@ class KDAMixer(nnx.Module):
     def _gate_beta(self, x):
         g = self._heads(self.f_b_proj(self.f_a_proj(x))) if self.gate == "kda" else self.f_proj(x)
         gate_args = dict(A_log=self.A_log[...], dt_bias=self.dt_bias[...], beta_is_logit=True, use_qk_l2norm=True)
+        if self.rule == "additive":  # Mamba2's discretisation: write strength = the decay's step dt
+            dt = jax.nn.softplus(g.astype(jnp.float32) + self.dt_bias[...])
+            return g, dt, dict(gate_args, beta_is_logit=False)
         return g, self.b_proj(x), gate_args
 
     def _output(self, o, x):

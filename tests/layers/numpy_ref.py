@@ -76,8 +76,11 @@ def kda_recurrence(q, k, v, g, beta, segment_ids=None):
     return o
 
 
-def kda_layer(p, x, *, H, K, conv=True, gate="kda", output_gate="sigmoid", eps=1e-5, segment_ids=None):
-    """The KDA mixer of §2.2 from its parameters (kernels ``[in, out]``)."""
+def kda_layer(p, x, *, H, K, conv=True, gate="kda", output_gate="sigmoid", eps=1e-5, segment_ids=None,
+              write="beta"):
+    """The KDA mixer of §2.2 from its parameters (kernels ``[in, out]``). ``write="dt"`` (scalar
+    gate only): the write strength is the decay's step softplus(f) instead of sigmoid(b_proj x),
+    as in Mamba2's discretisation (the additive, Mamba2-like baseline)."""
     B, T, _ = x.shape
     heads = lambda a: a.reshape(B, T, H, K)
     l2 = lambda a: a / np.sqrt(np.sum(a * a, axis=-1, keepdims=True) + 1e-6)
@@ -94,7 +97,7 @@ def kda_layer(p, x, *, H, K, conv=True, gate="kda", output_gate="sigmoid", eps=1
     else:
         f = x @ p["f_proj"]["kernel"] + p["dt_bias"]
         g = np.repeat((-np.exp(p["A_log"]) * softplus(f))[..., None], K, axis=-1)
-    beta = sigmoid(x @ p["b_proj"]["kernel"])
+    beta = softplus(f) if write == "dt" else sigmoid(x @ p["b_proj"]["kernel"])
     o = kda_recurrence(q, k, v, g, beta, segment_ids)
     o = rms_norm(o, p["o_norm"]["weight"], eps)
     if output_gate != "none":

@@ -1,7 +1,8 @@
 """KDAMixer(gate="gdn", rule="additive"): the scalar-decay, no-delta-rule ("Mamba2-like") mixer.
 
 The float64 reference is ``numpy_ref.kda_layer`` (the whole layer, written from
-kimi_linear_model §2.2) with its recurrence swapped for the additive one written here.
+kimi_linear_model §2.2) with its recurrence swapped for the additive one written here and the
+write strength taken from the decay's step (``write="dt"``, Mamba2's discretisation).
 """
 
 import jax.numpy as jnp
@@ -32,7 +33,7 @@ def additive_recurrence(q, k, v, g, beta, segment_ids=None):
 @pytest.fixture
 def additive_ref(monkeypatch):
     monkeypatch.setattr(ref, "kda_recurrence", additive_recurrence)
-    return lambda m, x, **kw: ref.kda_layer(ref.params_of(m), x, H=H, K=K, gate="gdn", **kw)
+    return lambda m, x, **kw: ref.kda_layer(ref.params_of(m), x, H=H, K=K, gate="gdn", write="dt", **kw)
 
 
 # one compiled program per call shape instead of op-by-op dispatch

@@ -52,10 +52,12 @@ def test_additive_rule_counts_no_inverse_or_wy_part():
     base = ModelConfig(**TINY_DENSE)
     gdn = flops_per_token(base.replace(kda_gate="gdn"), 9)
     additive = flops_per_token(base.replace(kda_gate="gdn", kda_rule="additive"), 9)
-    assert additive["kda_projections"] == gdn["kda_projections"]
+    n_kda = sum(base.is_kda_layer(i) for i in range(base.num_hidden_layers))
+    beta = n_kda * 2 * base.hidden_size * base.kda_num_heads
+    assert additive["kda_projections"] == gdn["kda_projections"] - beta  # it writes with dt: no beta projection
     # per head (dk = dv = 4, C = 32): q·S and Kᵀ·V 2·(2·16), scores Q·Kᵀ 2·32·4, scores·V 2·32·4
     assert additive["kda_core"] == 2 * (4 * 16 + 256 + 256)
-    assert additive["forward"] == gdn["forward"] - gdn["kda_core"] + additive["kda_core"]
+    assert additive["forward"] == gdn["forward"] - gdn["kda_core"] + additive["kda_core"] - beta
     assert kda_core_flops_per_head(128, 128, 64, rule="additive") == 98_304
     assert kda_core_flops_per_head(128, 128, 64, count="paper", rule="additive") == 98_304
     with pytest.raises(ValueError, match="rule"):
