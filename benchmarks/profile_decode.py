@@ -17,6 +17,7 @@ import collections
 import glob
 import json
 import os
+import re
 import tempfile
 import time
 
@@ -47,6 +48,19 @@ def device_events(xplane_path):
     return out
 
 
+def hlo_op_names(text):
+    """{kernel name as the profiler spells it: the op's JAX name} from optimized HLO text: each
+    instruction's ``op_name`` metadata, keyed by its name with '.' → '_' (``input_reduce_fusion.40``
+    is the trace's ``input_reduce_fusion_40``); instructions XLA inserted itself (no ``op_name``, e.g.
+    a pad) are named by their result type."""
+    out = {}
+    for m in re.finditer(r'^\s*%?([\w.\-]+) = (\S+) (.*)$', text, re.M):
+        op = re.search(r'op_name="([^"]*)"', m.group(3))
+        out[m.group(1).replace(".", "_")] = (op.group(1).removeprefix("jit(_decode)/") if op
+                                             else f"{m.group(2)} (inserted by XLA)")
+    return out
+
+
 def profile(args):
     base = get_config(args.preset, dtype=args.dtype, param_dtype=args.dtype)
     config = base if args.variant == "hybrid" else variant(base, args.variant)
@@ -56,9 +70,12 @@ def profile(args):
     for _ in range(args.warmup):
         logits, cache = steps.decode(steps.leaves, tok, cache)
     jax.block_until_ready(logits)
+    ops = {}
     if args.hlo:  # the optimized HLO, to map the profile's fusion names to the model's ops
+        text = steps.decode.lower(steps.leaves, tok, cache).compile().as_text()
         with open(args.hlo, "w") as f:
-            f.write(steps.decode.lower(steps.leaves, tok, cache).compile().as_text())
+            f.write(text)
+        ops = hlo_op_names(text)
     t0 = time.perf_counter()
     for _ in range(args.steps):
         logits, cache = steps.decode(steps.leaves, tok, cache)
@@ -80,7 +97,8 @@ def profile(args):
     return {"gpu": jax.devices()[0].device_kind, "preset": args.preset, "variant": args.variant,
             "context": args.context, "batch": args.batch, "wall_ms_per_step": 1e3 * wall,
             "busy_ms_per_step": busy / 1e6, "kernels_per_step": len(events) / args.steps,
-            "top": [{"name": n[:160], "calls_per_step": c / args.steps, "ms_per_step": ns / args.steps / 1e6}
+            "top": [{"name": n[:160], "op": ops.get(n, ""), "calls_per_step": c / args.steps,
+                     "ms_per_step": ns / args.steps / 1e6}
                     for n, (c, ns) in top]}
 
 
@@ -101,7 +119,7 @@ def main():
     print(f"{rec['gpu']} {rec['variant']} ctx {rec['context']} batch {rec['batch']}: wall {rec['wall_ms_per_step']:.3f} ms,"
           f" device busy {rec['busy_ms_per_step']:.3f} ms, {rec['kernels_per_step']:.0f} kernels per step")
     for t in rec["top"]:
-        print(f"  {t['ms_per_step']:8.3f} ms  {t['calls_per_step']:6.1f}x  {t['name'][:110]}")
+        print(f"  {t['ms_per_step']:8.3f} ms  {t['calls_per_step']:6.1f}x  {t['name'][:60]:60} {t['op'][:70]}")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "a") as f:  # one JSON line per profiled configuration
