@@ -19,7 +19,7 @@ discretisation (decay exp(−A·dt), input scaled by dt) the write strength is t
 dt = softplus(f_proj(x) + dt_bias), not a separate β: remembering longer also means writing
 more weakly. (A free β made the baseline much stronger than Mamba2: on MQAR with 128-token rows
 and 31 pairs, 600 steps on a CPU, it reached 53.0% answer accuracy against KDA's 25.2% and GDN's
-4.4%; with the coupled write it reaches 3.4%.) The additive rule has no b_proj; the cache is the
+4.4%; with the coupled write it peaks at 3.5%.) The additive rule has no b_proj; the cache is the
 same for both rules.
 """
 
