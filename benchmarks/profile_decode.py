@@ -1,11 +1,12 @@
-"""Where a decode step's time goes: trace ``--steps`` calls of the library's decode step (``ModelSteps.decode``) with
-``jax.profiler`` and sum the device kernels by name.
+"""Where a decode step's time goes: trace ``--steps`` calls of the library's decode step
+(``ModelSteps.decode``) with ``jax.profiler`` and sum the device kernels by name.
 
     python benchmarks/profile_decode.py --preset scaling_653m --variant hybrid --context 131072 --batch 1 \\
-        --out benchmarks/results/profile_decode_<gpu>.json
+        --hlo /tmp/hlo.txt --out benchmarks/results/profile_decode_<gpu>.jsonl
 
 Prints wall time per step, device-busy time per step (the sum of kernel durations), the number of
-kernels per step and the top kernels by time; the JSON holds the same. A step whose wall time is far
+kernels per step and the top kernels by time (with ``--hlo``, each named by its JAX op); ``--out``
+appends the same as one JSON line. A step whose wall time is far
 above its busy time is launch- or host-bound; a busy time far above the memory-bound time (bytes read
 / HBM bandwidth) names the kernels to fix.
 """

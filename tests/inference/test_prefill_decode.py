@@ -172,6 +172,13 @@ def test_segmented_prefill_equals_one_pass(name):
             assert np.abs(np.asarray(a)).max() == 0 or rel_rmse(s, a) < 1e-5, segment
 
 
+def _decode_temp_bytes(mla, x, cache, start, pos, positions):
+    """XLA's temporary bytes of one compiled ``mla.decode`` step (nothing run)."""
+    graphdef, state = nnx.split(mla)
+    step = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).decode(x, c, start, pos, positions))
+    return step.lower(state, x, cache).compile().memory_analysis().temp_size_in_bytes
+
+
 def test_absorbed_decode_reads_a_bf16_cache_without_a_float32_copy():
     """Decode over a bf16 latent cache: close to the float32 result, and no float32 copy of the
     cache among the step's temporaries (XLA memory analysis, cache 4096 slots)."""
@@ -185,9 +192,7 @@ def test_absorbed_decode_reads_a_bf16_cache_without_a_float32_copy():
         _, cache = mla.prefill(x[:, :39], None, pos[:, :39], max_len=4096, cache_dtype=dt)
         outs[dt] = mla.decode(x[:, 39:], cache, start, jnp.asarray(39), pos[:, 39:])[0]
     assert rel_rmse(outs[jnp.bfloat16], outs[jnp.float32]) < 2e-2
-    graphdef, state = nnx.split(mla)
-    step = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).decode(x, c, start, jnp.asarray(39), pos[:, 39:]))
-    temp = step.lower(state, x[:, 39:], cache).compile().memory_analysis().temp_size_in_bytes
+    temp = _decode_temp_bytes(mla, x[:, 39:], cache, start, jnp.asarray(39), pos[:, 39:])
     latent_f32_bytes = cache.latent.size * 4
     assert temp < latent_f32_bytes / 2, (temp, latent_f32_bytes)
 
@@ -209,8 +214,5 @@ def test_gpu_decode_step_has_no_copy_of_the_latent_cache():
                       v_head_dim=128, use_rope=False, dtype=jnp.bfloat16)
     x = jnp.zeros((1, 1, 1216), jnp.bfloat16)
     cache = MLACache(latent=jnp.zeros((1, slots, 512), jnp.bfloat16), k_pe=jnp.zeros((1, slots, 64), jnp.bfloat16))
-    start, at = jnp.zeros((1,), jnp.int32), jnp.asarray(131072)
-    graphdef, state = nnx.split(mla)
-    step = jax.jit(lambda s, x, c: nnx.merge(graphdef, s).decode(x, c, start, at, jnp.full((1, 1), 131072)))
-    temp = step.lower(state, x, cache).compile().memory_analysis().temp_size_in_bytes
+    temp = _decode_temp_bytes(mla, x, cache, jnp.zeros((1,), jnp.int32), jnp.asarray(131072), jnp.full((1, 1), 131072))
     assert temp < tree_bytes(cache) / 2, (temp, tree_bytes(cache))  # a copy needs at least the latent's bytes
