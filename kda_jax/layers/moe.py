@@ -116,19 +116,32 @@ def _block_rows(M: int, E: int) -> int:
     return min((8, 16, 32, 64, 128), key=cost)
 
 
+# Rows each gathered assignment's input is repeated to: XLA rewrites a one-row dot as a column
+# reduction, which read the gathered weights at ~0.42 TB/s on an H100; as an 8-row GEMM the same
+# product runs at ~2.4 TB/s (benchmarks/NOTES.md, "MoE decode"). The extra rows cost no bandwidth.
+_GEMM_ROWS = 8
+
+
 def gathered_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_expert=0):
     """Each assignment multiplies its own gathered expert weights: reads exactly ``N * K`` expert
     matrices, the least possible when there are fewer assignments than experts (decoding a few
-    sequences). Assignments to experts outside ``first_expert .. first_expert + E`` contribute zero."""
+    sequences). Assignments to experts outside ``first_expert .. first_expert + E`` contribute zero.
+    Each product is a ``_GEMM_ROWS``-row GEMM of identical rows (row 0 kept), not a vector-matrix dot."""
     E = w1_EDF.shape[0]
+    (N, K), R = idx_NK.shape, _GEMM_ROWS
     local_NK = idx_NK - first_expert
     live_NK = (local_NK >= 0) & (local_NK < E)
     e_NK = jnp.clip(local_NK, 0, E - 1)
-    x_ND = x_ND.astype(dtype)
     mm = dict(preferred_element_type=jnp.float32)
-    h1_NKF = jnp.einsum("nd,nkdf->nkf", x_ND, w1_EDF[e_NK].astype(dtype), **mm)
-    h3_NKF = jnp.einsum("nd,nkdf->nkf", x_ND, w3_EDF[e_NK].astype(dtype), **mm)
-    out_NKD = jnp.einsum("nkf,nkfd->nkd", _glu(h1_NKF, h3_NKF, dtype), w2_EFD[e_NK].astype(dtype), **mm)
+
+    def rows(a_NKX):  # [N, K, X] -> [N, K, R, X], R identical rows
+        return jnp.broadcast_to(a_NKX[:, :, None, :], (N, K, R, a_NKX.shape[-1]))
+
+    x_NKRD = rows(jnp.broadcast_to(x_ND.astype(dtype)[:, None, :], (N, K, x_ND.shape[1])))
+    h1_NKF = jnp.einsum("nkrd,nkdf->nkrf", x_NKRD, w1_EDF[e_NK].astype(dtype), **mm)[:, :, 0]
+    h3_NKF = jnp.einsum("nkrd,nkdf->nkrf", x_NKRD, w3_EDF[e_NK].astype(dtype), **mm)[:, :, 0]
+    g_NKRF = rows(_glu(h1_NKF, h3_NKF, dtype))
+    out_NKD = jnp.einsum("nkrf,nkfd->nkrd", g_NKRF, w2_EFD[e_NK].astype(dtype), **mm)[:, :, 0]
     return jnp.einsum("nkd,nk->nd", out_NKD, jnp.where(live_NK, w_NK, 0.0))
 
 
