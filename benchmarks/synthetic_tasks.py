@@ -22,6 +22,7 @@ import dataclasses
 import datetime
 import json
 import os
+import statistics
 import subprocess
 import tempfile
 import time
@@ -29,7 +30,7 @@ import time
 MIXERS = {"kda": None, "gdn": "gdn_hybrid", "mamba2": "mamba2_hybrid"}
 
 
-def run_one(task, length, mixer, lr, args, workdir):
+def run_one(task, length, mixer, lr, seed, args, workdir):
     from kda_jax.train.config import CONFIG_DIR, parse
     from kda_jax.train.loop import train
     from kda_jax.train.metrics import read_metrics
@@ -38,7 +39,7 @@ def run_one(task, length, mixer, lr, args, workdir):
               f"OptimConfig.learning_rate = {lr}", f"TrainConfig.steps = {args.steps}",
               f"TrainConfig.eval_every = {args.eval_every}", f"TrainConfig.log_every = {args.eval_every}",
               f"TrainConfig.eval_batches = {args.eval_batches}", f"TrainConfig.checkpoint_every = {args.steps}",
-              "TrainConfig.keep_checkpoints = 1"]
+              "TrainConfig.keep_checkpoints = 1", f"TrainConfig.seed = {seed}", f"SyntheticConfig.seed = {seed}"]
     if MIXERS[mixer]:
         params.append(f"ModelSpec.variant = '{MIXERS[mixer]}'")
     run = parse([CONFIG_DIR / "experiments" / "synthetic" / f"{task}.gin"], params + args.gin_param)
@@ -49,7 +50,7 @@ def run_one(task, length, mixer, lr, args, workdir):
     rows = [r for r in read_metrics(workdir) if "val_token_accuracy" in r]
     curve = [{"step": r["step"], "token_accuracy": r["val_token_accuracy"], "exact_match": r["val_exact_match"],
               "val_loss": r["val_loss"]} for r in rows]
-    return {"task": task, "seq_len": length, "mixer": mixer, "lr": lr, "steps": args.steps, "batch": args.batch,
+    return {"task": task, "seq_len": length, "mixer": mixer, "lr": lr, "seed": seed, "steps": args.steps, "batch": args.batch,
             "kda_impl": run.model.kda_impl,
             "wall_s": time.perf_counter() - t0, "curve": curve,
             "peak_token_accuracy": max((c["token_accuracy"] for c in curve), default=None),
@@ -71,9 +72,17 @@ def plot(path):
             mine = [r for r in runs if r["mixer"] == mixer]
             if not mine:
                 continue
-            best = max(mine, key=lambda r: r["peak_token_accuracy"] or 0.0)
-            ax.plot([c["step"] for c in best["curve"]], [100 * c["token_accuracy"] for c in best["curve"]],
-                    "o-", ms=3, label=f"{mixer} (lr {best['lr']:g})")
+            # the learning rate with the best median peak over seeds; one curve per seed
+            def median_peak(lr):
+                return statistics.median(r["peak_token_accuracy"] or 0.0 for r in mine if r["lr"] == lr)
+            lr = max({r["lr"] for r in mine}, key=median_peak)
+            seeds = [r for r in mine if r["lr"] == lr]
+            color = None
+            for i, r in enumerate(seeds):
+                (line,) = ax.plot([c["step"] for c in r["curve"]], [100 * c["token_accuracy"] for c in r["curve"]],
+                                  "o-", ms=3, color=color, alpha=1.0 if len(seeds) == 1 else 0.7,
+                                  label=f"{mixer} (lr {lr:g}, {len(seeds)} seed{'s' * (len(seeds) > 1)})" if i == 0 else None)
+                color = line.get_color()
         ax.set_title(f"{task}, length {length}")
         ax.set_xlabel("training step")
         ax.set_ylabel("answer token accuracy (%)")
@@ -93,6 +102,7 @@ def main():
     ap.add_argument("--lengths", default="512,1024")
     ap.add_argument("--mixers", default="kda,gdn,mamba2")
     ap.add_argument("--lrs", default="1e-3", help="the paper's grid: 5e-5,1e-4,5e-4,1e-3")
+    ap.add_argument("--seeds", default="0", help="comma-separated: each run once per seed (model init and data)")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--eval_every", type=int, default=100)
@@ -114,17 +124,18 @@ def main():
     result = {"device": device, "commit": sha, "jax": jax.__version__, "args": vars(args),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(), "runs": []}
     start = time.perf_counter()
-    grid = [(t, int(n), m, float(lr)) for n in args.lengths.split(",") for t in args.tasks.split(",")
-            for m in args.mixers.split(",") for lr in args.lrs.split(",")]
-    for task, length, mixer, lr in grid:
+    grid = [(t, int(n), m, float(lr), int(seed)) for n in args.lengths.split(",") for t in args.tasks.split(",")
+            for seed in args.seeds.split(",") for m in args.mixers.split(",") for lr in args.lrs.split(",")]
+    for task, length, mixer, lr, seed in grid:
         if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
-            result.setdefault("skipped", []).append([task, length, mixer, lr])
+            result.setdefault("skipped", []).append([task, length, mixer, lr, seed])
             continue
         with tempfile.TemporaryDirectory() as wd:
             try:
-                rec = run_one(task, length, mixer, lr, args, wd)
+                rec = run_one(task, length, mixer, lr, seed, args, wd)
             except Exception as e:  # record and go on with the other runs
-                rec = {"task": task, "seq_len": length, "mixer": mixer, "lr": lr, "error": f"{type(e).__name__}: {e}"}
+                rec = {"task": task, "seq_len": length, "mixer": mixer, "lr": lr, "seed": seed,
+                       "error": f"{type(e).__name__}: {e}"}
         result["runs"].append(rec)
         print(json.dumps({k: v for k, v in rec.items() if k != "curve"}), flush=True)
         os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
