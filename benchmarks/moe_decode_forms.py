@@ -16,10 +16,13 @@ import re
 import sys
 import time
 
-import jax, jax.numpy as jnp
+import jax
+import jax.numpy as jnp
+
 from kda_jax.layers import moe
 from kda_jax.layers.grouped import aligned_layout, grouped_matmul
 
+# experts, width, expert width, top-k, layers (PROBE_SMALL: a tiny stand-in to try the script anywhere)
 E, D, F, K, L = (64, 1216, 1024, 7, 15) if not os.environ.get("PROBE_SMALL") else (16, 64, 32, 3, 2)
 dt = jnp.bfloat16
 mm = dict(preferred_element_type=jnp.float32)
