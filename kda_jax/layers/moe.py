@@ -134,10 +134,10 @@ def gathered_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_ex
     e_NK = jnp.clip(local_NK, 0, E - 1)
     mm = dict(preferred_element_type=jnp.float32)
 
-    def rows(a_NKX):  # [N, K, X] -> [N, K, R, X], R identical rows
+    def rows(a_NKX):  # [N, K or 1, X] -> [N, K, R, X], R identical rows
         return jnp.broadcast_to(a_NKX[:, :, None, :], (N, K, R, a_NKX.shape[-1]))
 
-    x_NKRD = rows(jnp.broadcast_to(x_ND.astype(dtype)[:, None, :], (N, K, x_ND.shape[1])))
+    x_NKRD = rows(x_ND.astype(dtype)[:, None, :])  # [N, 1, D]: broadcast over K too
     h1_NKF = jnp.einsum("nkrd,nkdf->nkrf", x_NKRD, w1_EDF[e_NK].astype(dtype), **mm)[:, :, 0]
     h3_NKF = jnp.einsum("nkrd,nkdf->nkrf", x_NKRD, w3_EDF[e_NK].astype(dtype), **mm)[:, :, 0]
     g_NKRF = rows(_glu(h1_NKF, h3_NKF, dtype))
