@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kda_jax.inference.cache import MLACache
-from kda_jax.layers.common import Linear
+from kda_jax.layers.common import Linear, widened
 from kda_jax.layers.norms import RMSNorm
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn")
@@ -244,18 +244,24 @@ class MLAttention(nnx.Module):
         q, c, k_pe = self.project(x, positions)
         latent = jax.lax.dynamic_update_slice_in_dim(cache.latent, c.astype(cache.latent.dtype), pos, axis=1)
         kpe = jax.lax.dynamic_update_slice_in_dim(cache.k_pe, k_pe.astype(cache.k_pe.dtype), pos, axis=1)
-        w = self.kv_b_proj.kernel[...].astype(jnp.float32).reshape(self.kv_lora_rank, self.num_heads, -1)
+        w = self.kv_b_proj.kernel[...].astype(self.dtype).reshape(self.kv_lora_rank, self.num_heads, -1)
         w_uk, w_uv = w[..., :self.nope], w[..., self.nope:]
-        # The cache is read in its own dtype with float32 accumulation (the small operands are cast
-        # to it): casting the [B, max_len, 512] latent to float32 would write and re-read a float32
-        # copy of the whole cache every step (17.5 GiB at batch 35 and 256K slots on an H100).
+        # Every product runs in its operands' dtype with float32 accumulation. The cache is read in
+        # its own dtype (the small operands are cast to it): casting the [B, max_len, 512] latent to
+        # float32 would write and re-read a float32 copy of the whole cache every step (17.5 GiB at
+        # batch 35 and 256K slots on an H100).
         mm = dict(preferred_element_type=jnp.float32)
-        q_lat = jnp.einsum("bshn,rhn->bshr", q[..., :self.nope].astype(jnp.float32), w_uk)
+
+        def per_head(spec, a_bshx, w_rhy):  # B*S rows per head; one row runs as GEMM_ROWS (common.py)
+            a = widened(a_bshx.astype(self.dtype).reshape(B * S, *a_bshx.shape[2:]))
+            return jnp.einsum(spec, a, w_rhy, **mm)[:B * S].reshape(B, S, *a_bshx.shape[2:-1], -1)
+
+        q_lat = per_head("mhn,rhn->mhr", q[..., :self.nope], w_uk)
         scores = (jnp.einsum("bshr,btr->bsht", q_lat.astype(latent.dtype), latent, **mm)
                   + jnp.einsum("bshp,btp->bsht", q[..., self.nope:].astype(kpe.dtype), kpe, **mm)) * self.scale
         slot = jnp.arange(latent.shape[1])
         valid = (slot[None, None, :] >= start[:, None, None]) & (slot[None, None, :] <= pos + jnp.arange(S)[None, :, None])
         p = jax.nn.softmax(jnp.where(valid[:, :, None, :], scores, -jnp.inf), axis=-1)
-        o = jnp.einsum("bshr,rhv->bshv", jnp.einsum("bsht,btr->bshr", p.astype(latent.dtype), latent, **mm), w_uv)
+        o = per_head("mhr,rhv->mhv", jnp.einsum("bsht,btr->bshr", p.astype(latent.dtype), latent, **mm), w_uv)
         y = self.o_proj(o.astype(self.dtype).reshape(B, S, self.num_heads * self.v_dim))
         return y, MLACache(latent=latent, k_pe=kpe)

@@ -49,7 +49,7 @@ import jax.numpy as jnp
 from flax import nnx, struct
 from jax.sharding import PartitionSpec as P
 
-from kda_jax.layers.common import Linear, default_kernel_init, param
+from kda_jax.layers.common import GEMM_ROWS, Linear, default_kernel_init, param, widened
 from kda_jax.layers.grouped import aligned_layout, buffer_rows, grouped_matmul
 from kda_jax.layers.mlp import SwiGLU
 
@@ -75,7 +75,8 @@ def balance_bias(bias: jax.Array, load: jax.Array, rate: float) -> jax.Array:
 
 def route(x_ND, kernel_DE, bias_E, top_k: int, *, renormalize: bool, scale: float, bias_in_weights: bool):
     """Float32 sigmoid router: returns ``(scores [N, E], expert ids [N, K], weights [N, K])``."""
-    scores_NE = jax.nn.sigmoid(jnp.dot(x_ND.astype(jnp.float32), kernel_DE.astype(jnp.float32)))
+    logits_NE = jnp.dot(widened(x_ND.astype(jnp.float32)), kernel_DE.astype(jnp.float32))[:x_ND.shape[0]]
+    scores_NE = jax.nn.sigmoid(logits_NE)
     biased_NE = scores_NE + jax.lax.stop_gradient(bias_E.astype(jnp.float32))
     _, idx_NK = jax.lax.top_k(jax.lax.stop_gradient(biased_NE), top_k)
     w_NK = jnp.take_along_axis(biased_NE if bias_in_weights else scores_NE, idx_NK, axis=-1)
@@ -116,19 +117,14 @@ def _block_rows(M: int, E: int) -> int:
     return min((8, 16, 32, 64, 128), key=cost)
 
 
-# Rows each gathered assignment's input is repeated to: XLA rewrites a one-row dot as a column
-# reduction, which read the gathered weights at ~0.42 TB/s on an H100; as an 8-row GEMM the same
-# product runs at ~2.4 TB/s (benchmarks/NOTES.md, "MoE decode"). The extra rows cost no bandwidth.
-_GEMM_ROWS = 8
-
-
 def gathered_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_expert=0):
     """Each assignment multiplies its own gathered expert weights: reads exactly ``N * K`` expert
     matrices, the least possible when there are fewer assignments than experts (decoding a few
     sequences). Assignments to experts outside ``first_expert .. first_expert + E`` contribute zero.
-    Each product is a ``_GEMM_ROWS``-row GEMM of identical rows (row 0 kept), not a vector-matrix dot."""
+    Each product is a ``GEMM_ROWS``-row GEMM of identical rows (row 0 kept), not a vector-matrix dot
+    (``common.GEMM_ROWS`` says why)."""
     E = w1_EDF.shape[0]
-    (N, K), R = idx_NK.shape, _GEMM_ROWS
+    (N, K), R = idx_NK.shape, GEMM_ROWS
     local_NK = idx_NK - first_expert
     live_NK = (local_NK >= 0) & (local_NK < E)
     e_NK = jnp.clip(local_NK, 0, E - 1)

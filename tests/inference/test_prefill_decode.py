@@ -61,17 +61,22 @@ def test_prompts_of_different_lengths_equal_each_alone():
         assert rel_rmse(got, ref) < 1e-4, f"prompt {i} (length {len(p)})"
 
 
-@pytest.mark.parametrize("use_rope", [False, True], ids=["nope", "rope"])
-def test_absorbed_mla_decode_equals_expanded_attention(use_rope):
+@pytest.mark.parametrize("use_rope,batch,step", [(False, 2, 3), (True, 2, 3), (True, 1, 1)],
+                         ids=["nope", "rope", "rope-one-row"])
+def test_absorbed_mla_decode_equals_expanded_attention(use_rope, batch, step):
+    """``step`` tokens per decode call; batch 1 with one token a call runs the widened one-row
+    products (``common.widened``)."""
     mla = MLAttention(48, 3, rngs=nnx.Rngs(0), kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                       v_head_dim=12, use_rope=use_rope)
-    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 9, 48)), jnp.float32)
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((batch, 9, 48)), jnp.float32)
     full = mla(x)
-    pos = jnp.broadcast_to(jnp.arange(9), (2, 9))
+    pos = jnp.broadcast_to(jnp.arange(9), (batch, 9))
     y, cache = mla.prefill(x[:, :6], None, pos[:, :6], max_len=16, cache_dtype=jnp.float32)
-    start = jnp.zeros((2,), jnp.int32)
-    y2, cache = mla.decode(x[:, 6:], cache, start, jnp.asarray(6), pos[:, 6:])
-    assert rel_rmse(jnp.concatenate([y, y2], 1), full) < 1e-5
+    start, ys = jnp.zeros((batch,), jnp.int32), [y]
+    for t in range(6, 9, step):
+        y, cache = mla.decode(x[:, t:t + step], cache, start, jnp.asarray(t), pos[:, t:t + step])
+        ys.append(y)
+    assert rel_rmse(jnp.concatenate(ys, 1), full) < 1e-5
 
 
 def test_cache_bytes_match_the_arrays_and_the_papers_reduction():
