@@ -5,7 +5,9 @@ N = 1 and 8 tokens. Prints and writes (JSON, argv[1]) per formulation: ms per 15
 GB/s on the gathered expert bytes, the largest difference to the first formulation relative to
 its largest value, and the fusion kinds in XLA's optimized HLO (column-reduction fusions, Triton
 GEMMs, cuBLAS calls, gathers). ``one_row_dot`` is the library's code before the 8-row GEMM change;
-``pad_m8`` is what ``gathered_experts`` does now (``library`` calls it).
+``pad_m8`` is the XLA form ``gathered_experts`` takes off the GPU kernel's envelope; ``library``
+calls ``gathered_experts`` as configured, ``kernel`` with the gathered-expert kernel switched on
+(``kda_jax.kernels.gathered``, GPU only). ``PROBE_VARIANTS=a,b`` runs a subset.
 
     python benchmarks/moe_decode_forms.py benchmarks/results/moe_decode_forms_<gpu>.json
     PROBE_SMALL=1 PROBE_N=1,4 python benchmarks/moe_decode_forms.py /tmp/x.json   # tiny, any machine
@@ -19,6 +21,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from kda_jax import kernels
 from kda_jax.layers import moe
 from kda_jax.layers.grouped import aligned_layout, grouped_matmul
 
@@ -41,6 +44,14 @@ def v_one_row_dot(x, idx, w, w1, w3, w2):
 
 def v_library(x, idx, w, w1, w3, w2):
     return moe.gathered_experts(x, idx, w, w1, w3, w2, dt)
+
+
+def v_kernel(x, idx, w, w1, w3, w2):
+    old, kernels.GATHERED_AUTO = kernels.GATHERED_AUTO, True  # read while tracing
+    try:
+        return moe.gathered_experts(x, idx, w, w1, w3, w2, dt)
+    finally:
+        kernels.GATHERED_AUTO = old
 
 
 def v_concat13(x, idx, w, w1, w3, w2):
@@ -126,7 +137,9 @@ def v_ragged(x, idx, w, w1, w3, w2):
 
 VARIANTS = {"one_row_dot": v_one_row_dot, "library": v_library, "concat13": v_concat13, "split_d4": split_d(4), "split_d16": split_d(16),
             "split_d64": split_d(64), "unrolled": v_unrolled, "pad_m8": pad_m(8), "pad_m16": pad_m(16),
-            "transposed_x": v_transposed_x, "grouped8": v_grouped8, "ragged": v_ragged}
+            "transposed_x": v_transposed_x, "grouped8": v_grouped8, "ragged": v_ragged, "kernel": v_kernel}
+if os.environ.get("PROBE_VARIANTS"):
+    VARIANTS = {n: VARIANTS[n] for n in os.environ["PROBE_VARIANTS"].split(",")}
 
 
 def chain(fn):

@@ -56,3 +56,24 @@ def decode_supports(K: int, V: int, tokens: int, backend: str, num_devices: int)
     if not 1 <= tokens <= 8:
         return f"needs 1 to 8 tokens per call, got {tokens}"
     return None
+
+# The gathered-expert kernel (``gathered.py``, decode-sized MoE calls): off until its GPU tests
+# (tests/kernels/test_gathered_kernel.py, ``-m gpu``) pass on an H100 and it is timed against the
+# XLA form there (benchmarks/moe_decode_forms.py).
+GATHERED_AUTO = False
+
+
+def gathered_supports(rows: int, d_in: int, d_out: int, a_dtype, w_dtype, backend: str, num_devices: int,
+                      ) -> str | None:
+    """None when ``gathered.expert_rows`` can run ``a [rows, d_in] @ w[idx] [d_in, d_out]``, else why not."""
+    if backend != "gpu":
+        return f"needs a GPU backend, got {backend}"
+    if num_devices != 1:
+        return f"single-device programs only (no partitioning rule yet), got {num_devices} devices"
+    if jnp.dtype(a_dtype) != jnp.bfloat16 or jnp.dtype(w_dtype) != jnp.bfloat16:
+        return f"needs bf16 inputs and weights, got {jnp.dtype(a_dtype)} and {jnp.dtype(w_dtype)}"
+    if d_in % 64 or d_out % 64:
+        return f"needs both matrix dimensions multiples of 64, got {d_in} x {d_out}"
+    if not 1 <= rows <= 256:
+        return f"needs 1 to 256 rows (decode-sized calls), got {rows}"
+    return None

@@ -117,27 +117,37 @@ def _block_rows(M: int, E: int) -> int:
     return min((8, 16, 32, 64, 128), key=cost)
 
 
+def _row_products(a_MX, e_M, w_EXY, dtype):
+    """``[M, Y]`` float32, row m = ``a[m] @ w[e[m]]`` in ``dtype``. On a GPU the gathered-expert
+    kernel reads each selected matrix in place (``kda_jax.kernels.gathered``, where
+    ``gathered_supports`` accepts the call); otherwise XLA gathers the M matrices and multiplies
+    each as a ``GEMM_ROWS``-row GEMM of identical rows (``common.GEMM_ROWS`` says why)."""
+    from kda_jax import kernels
+
+    (M, X), Y = a_MX.shape, w_EXY.shape[-1]
+    a_MX = a_MX.astype(dtype)
+    why = kernels.gathered_supports(M, X, Y, a_MX.dtype, w_EXY.dtype, jax.default_backend(), jax.device_count())
+    if kernels.GATHERED_AUTO and why is None:
+        from kda_jax.kernels.gathered import expert_rows
+
+        return expert_rows(a_MX, e_M, w_EXY)
+    a_MRX = jnp.broadcast_to(a_MX[:, None, :], (M, GEMM_ROWS, X))
+    return jnp.einsum("mrx,mxy->mry", a_MRX, w_EXY[e_M].astype(dtype), preferred_element_type=jnp.float32)[:, 0]
+
+
 def gathered_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_expert=0):
-    """Each assignment multiplies its own gathered expert weights: reads exactly ``N * K`` expert
-    matrices, the least possible when there are fewer assignments than experts (decoding a few
-    sequences). Assignments to experts outside ``first_expert .. first_expert + E`` contribute zero.
-    Each product is a ``GEMM_ROWS``-row GEMM of identical rows (row 0 kept), not a vector-matrix dot
-    (``common.GEMM_ROWS`` says why)."""
+    """Each assignment multiplies its own expert's weights (``_row_products``): reads exactly
+    ``N * K`` expert matrices, the least possible when there are fewer assignments than experts
+    (decoding a few sequences). Assignments to experts outside ``first_expert .. first_expert + E``
+    contribute zero."""
     E = w1_EDF.shape[0]
-    (N, K), R = idx_NK.shape, GEMM_ROWS
+    N, K = idx_NK.shape
     local_NK = idx_NK - first_expert
     live_NK = (local_NK >= 0) & (local_NK < E)
-    e_NK = jnp.clip(local_NK, 0, E - 1)
-    mm = dict(preferred_element_type=jnp.float32)
-
-    def rows(a_NKX):  # [N, K or 1, X] -> [N, K, R, X], R identical rows
-        return jnp.broadcast_to(a_NKX[:, :, None, :], (N, K, R, a_NKX.shape[-1]))
-
-    x_NKRD = rows(x_ND.astype(dtype)[:, None, :])  # [N, 1, D]: broadcast over K too
-    h1_NKF = jnp.einsum("nkrd,nkdf->nkrf", x_NKRD, w1_EDF[e_NK].astype(dtype), **mm)[:, :, 0]
-    h3_NKF = jnp.einsum("nkrd,nkdf->nkrf", x_NKRD, w3_EDF[e_NK].astype(dtype), **mm)[:, :, 0]
-    g_NKRF = rows(_glu(h1_NKF, h3_NKF, dtype))
-    out_NKD = jnp.einsum("nkrf,nkfd->nkrd", g_NKRF, w2_EFD[e_NK].astype(dtype), **mm)[:, :, 0]
+    e_M = jnp.clip(local_NK, 0, E - 1).reshape(-1)  # M = N * K assignments, token-major
+    x_MD = jnp.repeat(x_ND, K, axis=0)
+    g_MF = _glu(_row_products(x_MD, e_M, w1_EDF, dtype), _row_products(x_MD, e_M, w3_EDF, dtype), dtype)
+    out_NKD = _row_products(g_MF, e_M, w2_EFD, dtype).reshape(N, K, -1)
     return jnp.einsum("nkd,nk->nd", out_NKD, jnp.where(live_NK, w_NK, 0.0))
 
 
