@@ -33,72 +33,82 @@ STAGES = 4  # pipeline steps in flight per CTA
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
-def gathered_matmul(a, idx, w, *, interpret=False):
-    """Float32 ``[M, Dout]``: row m is ``a[m] @ w[idx[m]]``. a ``[M, Din]`` bf16, idx ``[M]`` int32
-    in ``[0, E)`` (not checked: the caller clips), w ``[E, Din, Dout]`` bf16; Din and Dout multiples
-    of 64."""
-    (M, D), (E, D2, F) = a.shape, w.shape
-    if a.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
-        raise ValueError(f"gathered_matmul needs bf16 a and w, got {a.dtype} and {w.dtype}")
-    if D2 != D or idx.shape != (M,):
-        raise ValueError(f"gathered_matmul: a {a.shape}, idx {idx.shape} and w {w.shape} do not match")
+def gathered_matmul(a, idx, ws, *, interpret=False):
+    """Float32 ``[len(ws), M, Dout]``: entry ``[j, m]`` is ``a[m] @ ws[j][idx[m]]``. a ``[M, Din]``
+    bf16, idx ``[M]`` int32 in ``[0, E)`` (not checked: the caller clips), ``ws`` a tuple of
+    ``[E, Din, Dout]`` bf16 (the up and gate projections share a and idx: one kernel for both);
+    Din and Dout multiples of 64."""
+    M, D = a.shape
+    E, D2, F = ws[0].shape
+    if a.dtype != jnp.bfloat16 or any(w.dtype != jnp.bfloat16 for w in ws):
+        raise ValueError(f"gathered_matmul needs bf16 a and weights, got {a.dtype} and {[w.dtype for w in ws]}")
+    if D2 != D or idx.shape != (M,) or any(w.shape != ws[0].shape for w in ws):
+        raise ValueError(f"gathered_matmul: a {a.shape}, idx {idx.shape} and weights {[w.shape for w in ws]} do not match")
     if D % BLOCK_K or F % BLOCK_N:
         raise ValueError(f"gathered_matmul needs Din and Dout multiples of 64, got {D} and {F}")
     rows = -(-M // BLOCK_ROWS) * BLOCK_ROWS
     a_pad = jnp.pad(a, ((0, rows - M), (0, 0)))
 
-    def body(idx_gmem, a_gmem, w_gmem, o_gmem):
-        n, m = lax.axis_index("n"), lax.axis_index("m")
+    def body(idx_gmem, a_gmem, *refs):
+        w_gmems, o_gmem = refs[:-1], refs[-1]
+        n, m, j = lax.axis_index("n"), lax.axis_index("m"), lax.axis_index("w")
         e = idx_gmem[m]
         block = lax.div(m, jnp.int32(BLOCK_ROWS))
 
-        def acc_scope(acc_ref):
-            plgpu.emit_pipeline(
-                lambda _, a_smem, w_smem: plgpu.wgmma(acc_ref, a_smem, w_smem),
-                grid=(D // BLOCK_K,),
-                in_specs=[plgpu.BlockSpec((BLOCK_ROWS, BLOCK_K), lambda k: (block, k), delay_release=1),
-                          plgpu.BlockSpec((BLOCK_K, BLOCK_N), lambda k: (k, n), delay_release=1)],
-                max_concurrent_steps=STAGES,
-            )(a_gmem, w_gmem.at[e])
-            return acc_ref[...]
+        def product(w_gmem, o_row):  # o_row: this CTA's [1, BLOCK_N] slice of the output
+            def acc_scope(acc_ref):
+                plgpu.emit_pipeline(
+                    lambda _, a_smem, w_smem: plgpu.wgmma(acc_ref, a_smem, w_smem),
+                    grid=(D // BLOCK_K,),
+                    in_specs=[plgpu.BlockSpec((BLOCK_ROWS, BLOCK_K), lambda k: (block, k), delay_release=1),
+                              plgpu.BlockSpec((BLOCK_K, BLOCK_N), lambda k: (k, n), delay_release=1)],
+                    max_concurrent_steps=STAGES,
+                )(a_gmem, w_gmem.at[e])
+                return acc_ref[...]
 
-        acc = pl.run_scoped(acc_scope, plgpu.ACC((BLOCK_ROWS, BLOCK_N)))
+            acc = pl.run_scoped(acc_scope, plgpu.ACC((BLOCK_ROWS, BLOCK_N)))
 
-        def store_scope(o_smem):
-            o_smem[...] = acc
-            plgpu.commit_smem()
-            row = lax.rem(m, jnp.int32(BLOCK_ROWS))
-            plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(row, 1)], o_gmem.at[pl.ds(m, 1), pl.ds(n * BLOCK_N, BLOCK_N)])
-            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            def store_scope(o_smem):
+                o_smem[...] = acc
+                plgpu.commit_smem()
+                plgpu.copy_smem_to_gmem(o_smem.at[pl.ds(lax.rem(m, jnp.int32(BLOCK_ROWS)), 1)], o_row)
+                plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        pl.run_scoped(store_scope, plgpu.SMEM((BLOCK_ROWS, BLOCK_N), jnp.float32))
+            pl.run_scoped(store_scope, plgpu.SMEM((BLOCK_ROWS, BLOCK_N), jnp.float32))
+
+        for jj, w_gmem in enumerate(w_gmems):
+            o_row = o_gmem.at[jj, pl.ds(m, 1), pl.ds(n * BLOCK_N, BLOCK_N)]
+            if len(w_gmems) == 1:
+                product(w_gmem, o_row)
+            else:
+                pl.when(j == jj)(functools.partial(product, w_gmem, o_row))
 
     kernel = plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct((M, F), jnp.float32), grid=(F // BLOCK_N, M), grid_names=("n", "m"),
-        kernel_name="moe_gathered_matmul",
+        body, out_type=jax.ShapeDtypeStruct((len(ws), M, F), jnp.float32), grid=(F // BLOCK_N, M, len(ws)),
+        grid_names=("n", "m", "w"), kernel_name="moe_gathered_matmul",
         compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Warpgroup),
         interpret=plgpu.InterpretGPUParams() if interpret else None)
-    return kernel(idx.astype(jnp.int32), a_pad, w)
+    return kernel(idx.astype(jnp.int32), a_pad, *ws)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def expert_rows(a, idx, w, interpret=False):
-    """``gathered_matmul`` with gradients for a and w (idx is an integer input)."""
-    return gathered_matmul(a, idx, w, interpret=interpret)
+def expert_rows(a, idx, ws, interpret=False):
+    """``gathered_matmul`` with gradients for a and the weights (idx is an integer input)."""
+    return gathered_matmul(a, idx, ws, interpret=interpret)
 
 
-def _fwd(a, idx, w, interpret):
-    return gathered_matmul(a, idx, w, interpret=interpret), (a, idx, w)
+def _fwd(a, idx, ws, interpret):
+    return gathered_matmul(a, idx, ws, interpret=interpret), (a, idx, ws)
 
 
 def _bwd(interpret, res, g):
     del interpret
-    a, idx, w = res
-    g = g.astype(w.dtype)
-    da = jnp.einsum("mf,mdf->md", g, w[idx], preferred_element_type=jnp.float32).astype(a.dtype)
-    dw = jnp.zeros(w.shape, jnp.float32).at[idx].add(
-        jnp.einsum("md,mf->mdf", a, g, preferred_element_type=jnp.float32)).astype(w.dtype)
-    return da, None, dw
+    a, idx, ws = res
+    g = g.astype(ws[0].dtype)
+    da = sum(jnp.einsum("mf,mdf->md", g[j], w[idx], preferred_element_type=jnp.float32) for j, w in enumerate(ws))
+    dws = tuple(jnp.zeros(w.shape, jnp.float32).at[idx].add(
+        jnp.einsum("md,mf->mdf", a, g[j], preferred_element_type=jnp.float32)).astype(w.dtype) for j, w in enumerate(ws))
+    return da.astype(a.dtype), None, dws
 
 
 expert_rows.defvjp(_fwd, _bwd)

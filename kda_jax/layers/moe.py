@@ -117,22 +117,23 @@ def _block_rows(M: int, E: int) -> int:
     return min((8, 16, 32, 64, 128), key=cost)
 
 
-def _row_products(a_MX, e_M, w_EXY, dtype):
-    """``[M, Y]`` float32, row m = ``a[m] @ w[e[m]]`` in ``dtype``. On a GPU the gathered-expert
-    kernel reads each selected matrix in place (``kda_jax.kernels.gathered``, where
-    ``gathered_supports`` accepts the call); otherwise XLA gathers the M matrices and multiplies
-    each as a ``GEMM_ROWS``-row GEMM of identical rows (``common.GEMM_ROWS`` says why)."""
+def _row_products(a_MX, e_M, ws, dtype):
+    """``[len(ws), M, Y]`` float32, entry ``[j, m]`` = ``a[m] @ ws[j][e[m]]`` in ``dtype``. On a GPU
+    the gathered-expert kernel reads each selected matrix in place (``kda_jax.kernels.gathered``,
+    where ``gathered_supports`` accepts the call); otherwise XLA gathers the M matrices and
+    multiplies each as a ``GEMM_ROWS``-row GEMM of identical rows (``common.GEMM_ROWS`` says why)."""
     from kda_jax import kernels
 
-    (M, X), Y = a_MX.shape, w_EXY.shape[-1]
+    (M, X), Y = a_MX.shape, ws[0].shape[-1]
     a_MX = a_MX.astype(dtype)
-    why = kernels.gathered_supports(M, X, Y, a_MX.dtype, w_EXY.dtype, jax.default_backend(), jax.device_count())
-    if kernels.GATHERED_AUTO and why is None:
+    why = kernels.gathered_supports(M, X, Y, a_MX.dtype, ws[0].dtype, jax.default_backend(), jax.device_count())
+    if kernels.GATHERED_AUTO and why is None and all(w.dtype == ws[0].dtype for w in ws):
         from kda_jax.kernels.gathered import expert_rows
 
-        return expert_rows(a_MX, e_M, w_EXY)
+        return expert_rows(a_MX, e_M, tuple(ws))
     a_MRX = jnp.broadcast_to(a_MX[:, None, :], (M, GEMM_ROWS, X))
-    return jnp.einsum("mrx,mxy->mry", a_MRX, w_EXY[e_M].astype(dtype), preferred_element_type=jnp.float32)[:, 0]
+    return jnp.stack([jnp.einsum("mrx,mxy->mry", a_MRX, w[e_M].astype(dtype), preferred_element_type=jnp.float32)[:, 0]
+                      for w in ws])
 
 
 def gathered_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_expert=0):
@@ -145,10 +146,9 @@ def gathered_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_ex
     local_NK = idx_NK - first_expert
     live_NK = (local_NK >= 0) & (local_NK < E)
     e_M = jnp.clip(local_NK, 0, E - 1).reshape(-1)  # M = N * K assignments, token-major
-    x_MD = jnp.repeat(x_ND, K, axis=0)
-    g_MF = _glu(_row_products(x_MD, e_M, w1_EDF, dtype), _row_products(x_MD, e_M, w3_EDF, dtype), dtype)
-    out_NKD = _row_products(g_MF, e_M, w2_EFD, dtype).reshape(N, K, -1)
-    return jnp.einsum("nkd,nk->nd", out_NKD, jnp.where(live_NK, w_NK, 0.0))
+    h1_MF, h3_MF = _row_products(jnp.repeat(x_ND, K, axis=0), e_M, (w1_EDF, w3_EDF), dtype)
+    (out_MD,) = _row_products(_glu(h1_MF, h3_MF, dtype), e_M, (w2_EFD,), dtype)
+    return jnp.einsum("nkd,nk->nd", out_MD.reshape(N, K, -1), jnp.where(live_NK, w_NK, 0.0))
 
 
 def sorted_experts(x_ND, idx_NK, w_NK, w1_EDF, w3_EDF, w2_EFD, dtype, first_expert=0):
