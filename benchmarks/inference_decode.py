@@ -3,7 +3,8 @@
 For each variant: prefill time of one sequence at each context (``HybridDecoder.prefill``,
 jitted, median of ``--repeats``); decode tokens/s at each context with batch 1 and with the
 batch that fills ``--fill_gib`` of cache memory (the same budget for both variants, so the
-hybrid's smaller cache buys a larger batch); cache bytes per sequence (``cache_bytes``).
+hybrid's smaller cache buys a larger batch) — 3 warm-up steps, then the median of ``--repeats``
+runs of ``--decode_steps`` steps; cache bytes per sequence (``cache_bytes``).
 Decode runs on a zero cache of the right shape positioned at the context length
 (``empty_cache``): decode cost does not depend on the cached values.
 
@@ -83,13 +84,15 @@ def _decode(steps, config, batch, max_len, ctx, args):
     """Decode tokens/s of ``batch`` sequences positioned at ``ctx`` (a zero cache of the right shape)."""
     cache = empty_cache(config, batch, max_len, pos=ctx)
     tok = jnp.zeros((batch, 1), jnp.int32)
-    logits, cache = steps.decode(steps.leaves, tok, cache)  # compile
-    jax.block_until_ready(logits)
-    t0 = time.perf_counter()
-    for _ in range(args.decode_steps - 1):
-        logits, cache = steps.decode(steps.leaves, tok, cache)
-    jax.block_until_ready(logits)
-    dt = (time.perf_counter() - t0) / (args.decode_steps - 1)
+    state = {"cache": cache}
+
+    def run(n):
+        for _ in range(n):
+            logits, state["cache"] = steps.decode(steps.leaves, tok, state["cache"])
+        return logits
+
+    jax.block_until_ready(run(3))  # compile and warm up
+    dt = _median_time(lambda: run(args.decode_steps), args.repeats) / args.decode_steps
     return {"batch": batch, "step_s": dt, "tokens_per_s": batch / dt}
 
 

@@ -5,7 +5,8 @@
         --hlo /tmp/hlo.txt --out benchmarks/results/profile_decode_<gpu>.jsonl
 
 Prints wall time per step, device-busy time per step (the sum of kernel durations), the number of
-kernels per step and the top kernels by time (with ``--hlo``, each named by its JAX op); ``--out``
+kernels per step, the top kernels by time (with ``--hlo``, each named by its JAX op) and the idle
+device time by the kernel it preceded (which launches the stream waited for); ``--out``
 appends the same as one JSON line. A step whose wall time is far
 above its busy time is launch- or host-bound; a busy time far above the memory-bound time (bytes read
 / HBM bandwidth) names the kernels to fix.
@@ -34,8 +35,9 @@ from kda_jax.models import HybridDecoder, get_config, variant  # noqa: E402
 
 
 def device_events(xplane_path):
-    """(name, duration ns) of every event on the device planes (``/device:GPU:*``; on a CPU-only
-    machine the host's XLA ops, so the script can be tried anywhere)."""
+    """(name, duration ns, idle ns before it) of every event on the device planes (``/device:GPU:*``;
+    on a CPU-only machine the host's XLA ops, so the script can be tried anywhere). The idle time is
+    the gap since the previous event of the same line ended (a stream waiting for the host)."""
     data = jax.profiler.ProfileData.from_file(xplane_path)
     planes = [p for p in data.planes if p.name.startswith("/device:")]
     if not planes:
@@ -45,7 +47,11 @@ def device_events(xplane_path):
         for line in plane.lines:
             if plane.name.startswith("/device:") and "stream" not in line.name.lower():
                 continue  # keep the per-stream kernel lines, not the derived XLA-op/module lines
-            out.extend((ev.name, ev.duration_ns) for ev in line.events)
+            prev_end = None
+            for ev in sorted(line.events, key=lambda e: e.start_ns):
+                idle = 0 if prev_end is None else max(0, ev.start_ns - prev_end)
+                out.append((ev.name, ev.duration_ns, idle))
+                prev_end = ev.start_ns + ev.duration_ns if prev_end is None else max(prev_end, ev.start_ns + ev.duration_ns)
     return out
 
 
@@ -89,18 +95,25 @@ def profile(args):
             jax.block_until_ready(logits)
         (path,) = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
         events = device_events(path)
-    by_name = collections.defaultdict(lambda: [0, 0])
-    for name, ns in events:
+    by_name = collections.defaultdict(lambda: [0, 0, 0])
+    for name, ns, idle in events:
         by_name[name][0] += 1
         by_name[name][1] += ns
-    busy = sum(ns for _, ns in events) / args.steps
+        by_name[name][2] += idle
+    busy = sum(ns for _, ns, _ in events) / args.steps
     top = sorted(by_name.items(), key=lambda kv: -kv[1][1])[: args.top]
+    waits = sorted(by_name.items(), key=lambda kv: -kv[1][2])[:10]
     return {"gpu": jax.devices()[0].device_kind, "preset": args.preset, "variant": args.variant,
             "context": args.context, "batch": args.batch, "wall_ms_per_step": 1e3 * wall,
             "busy_ms_per_step": busy / 1e6, "kernels_per_step": len(events) / args.steps,
             "top": [{"name": n[:160], "op": ops.get(n, ""), "calls_per_step": c / args.steps,
                      "ms_per_step": ns / args.steps / 1e6}
-                    for n, (c, ns) in top]}
+                    for n, (c, ns, _) in top],
+            # idle device time (the stream waiting) summed by the kernel that ran after it; the
+            # traced steps run back to back, so the gap before each step's first kernel counts too
+            "idle_ms_per_step": sum(i for _, _, i in events) / args.steps / 1e6,
+            "idle_before": [{"name": n[:160], "op": ops.get(n, ""), "calls_per_step": c / args.steps,
+                             "idle_ms_per_step": i / args.steps / 1e6} for n, (c, _, i) in waits if i]}
 
 
 def main():
@@ -121,6 +134,9 @@ def main():
           f" device busy {rec['busy_ms_per_step']:.3f} ms, {rec['kernels_per_step']:.0f} kernels per step")
     for t in rec["top"]:
         print(f"  {t['ms_per_step']:8.3f} ms  {t['calls_per_step']:6.1f}x  {t['name'][:60]:60} {t['op'][:70]}")
+    print(f"idle {rec['idle_ms_per_step']:.3f} ms per step, before:")
+    for t in rec["idle_before"]:
+        print(f"  {t['idle_ms_per_step']:8.3f} ms  {t['calls_per_step']:6.1f}x  {t['name'][:60]:60} {t['op'][:70]}")
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out, "a") as f:  # one JSON line per profiled configuration
