@@ -43,6 +43,13 @@ registry.register("mosaic", _kda_mosaic, mosaic_supports, priority=10, auto=MOSA
 # The decode kernel's GPU tests (tests/kernels/test_decode_kernel.py, ``-m gpu``) passed on an H100
 # at commit 69be20d and it beats the XLA path there (benchmarks/NOTES.md): ``auto`` takes it.
 DECODE_AUTO = True
+# Below this many states (batch × value heads) ``auto`` runs the XLA step instead: at batch 1 of the
+# 653M model (16 states of 64 KB per layer) the two take the same device time (H100, commit c5c91df:
+# 2.765 vs 2.775 ms per model step), but each kernel is a separate launch outside XLA's command
+# buffers, and with the MoE kernels too the batch-1 step became bound by the host's launches
+# (benchmarks/NOTES.md, "Decode step: host-bound"). From 64 states up state traffic dominates
+# (the kernel's regime: 1.2× XLA at 2048 states).
+DECODE_MIN_STATES = 64
 
 
 def decode_supports(K: int, V: int, tokens: int, backend: str, num_devices: int) -> str | None:

@@ -6,7 +6,8 @@ the few new tokens. Callers that own the state should jit with the state donated
 ``jax.jit(kda_decode, donate_argnames="state", static_argnames=(...))``, so XLA updates it in
 place. ``impl="mosaic"`` runs the Mosaic GPU decode kernel (``kda_jax.kernels.decode``), which
 reads and writes each state tile once for all the new tokens; ``impl="auto"`` takes it where
-``kda_jax.kernels.decode_supports`` accepts the call and the kernel is enabled.
+``kda_jax.kernels.decode_supports`` accepts the call, the kernel is enabled and the call has at
+least ``kernels.DECODE_MIN_STATES`` states (batch × value heads).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ def kda_decode(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=False, A_lo
     why = kernels.decode_supports(c.q.shape[-1], V, S, jax.default_backend(), jax.device_count())
     if impl == "mosaic" and why is not None:
         raise ValueError(f"impl='mosaic' does not support this decode call: {why}")
-    if impl == "mosaic" or (impl == "auto" and kernels.DECODE_AUTO and why is None):
+    auto_kernel = kernels.DECODE_AUTO and why is None and B * HV >= kernels.DECODE_MIN_STATES
+    if impl == "mosaic" or (impl == "auto" and auto_kernel):
         from kda_jax.kernels.decode import decode_step
 
         f32 = lambda x: x.astype(jnp.float32)

@@ -75,3 +75,23 @@ def test_gpu_state_updated_in_place_when_donated():
     assert before.is_deleted()
     assert after.unsafe_buffer_pointer() == ptr, "the new state did not reuse the donated buffer"
     assert_close("state", after, expect, 1e-6)
+
+
+def test_auto_takes_the_kernel_only_from_decode_min_states(monkeypatch):
+    """With the kernel reported supported, ``auto`` calls it for B·HV ≥ DECODE_MIN_STATES and runs
+    the XLA step (the float64 recurrence's result) below."""
+    import kda_jax.kernels as kernels
+    import kda_jax.kernels.decode as decode_mod
+
+    calls = []
+    monkeypatch.setattr(kernels, "decode_supports", lambda *a: None)
+    monkeypatch.setattr(decode_mod, "decode_step", lambda q, *a, **kw: calls.append(q.shape) or (q * 0, a[-1]))
+    small = _inputs(1, 1, 2, 2, 64, 64)
+    o, s = kda_decode(*small, impl="auto")
+    o_ref, s_ref = _oracle(*small)
+    assert calls == []
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("state", s, s_ref, 1e-5)
+    B = -(-kernels.DECODE_MIN_STATES // 2)
+    kda_decode(*_inputs(B, 1, 2, 2, 64, 64), impl="auto")
+    assert len(calls) == 1 and calls[0][0] == B
