@@ -3,7 +3,9 @@
 ``mosaic``: chunked KDA whose serial state passes run as Mosaic GPU kernels (``kda.py``,
 ``state_pass.py``). Its ``supports`` predicate accepts exactly the envelope the GPU tests
 cover (tests/kernels); anything else falls back to ``chunked`` under ``impl="auto"``.
-Pallas is imported only when a kernel is first called.
+The decode step (``decode.py``, taken by ``kda_jax.ops.kda_decode``) and the decode-sized MoE
+expert products (``gathered.py``, taken by ``kda_jax.layers.moe``) have their own ``*_supports``
+predicates and switches below. Pallas is imported only when a kernel is first called.
 """
 
 from __future__ import annotations
