@@ -51,7 +51,8 @@ def device_events(xplane_path):
             for ev in sorted(line.events, key=lambda e: e.start_ns):
                 idle = 0 if prev_end is None else max(0, ev.start_ns - prev_end)
                 out.append((ev.name, ev.duration_ns, idle))
-                prev_end = ev.start_ns + ev.duration_ns if prev_end is None else max(prev_end, ev.start_ns + ev.duration_ns)
+                end = ev.start_ns + ev.duration_ns
+                prev_end = end if prev_end is None else max(prev_end, end)
     return out
 
 

@@ -66,10 +66,11 @@ def decode_supports(K: int, V: int, tokens: int, backend: str, num_devices: int)
         return f"needs 1 to 8 tokens per call, got {tokens}"
     return None
 
+
 # The gathered-expert kernel (``gathered.py``, decode-sized MoE calls): its GPU tests
-# (tests/kernels/test_gathered_kernel.py, ``-m gpu``) passed on an H200 at commit 75bd17e (one weight
-# per call) and again with the up and gate projections in one call, and it beats XLA's gather + GEMM
-# there (benchmarks/moe_decode_forms.py; benchmarks/NOTES.md): ``auto`` takes it.
+# (tests/kernels/test_gathered_kernel.py, ``-m gpu``) passed on an H200 (commit 75bd17e, one weight
+# per call) and on an H100 (91d73d1, the up and gate projections in one call), and it beats XLA's
+# gather + GEMM on both (benchmarks/moe_decode_forms.py; benchmarks/NOTES.md): ``auto`` takes it.
 GATHERED_AUTO = True
 
 
