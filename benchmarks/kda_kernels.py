@@ -96,10 +96,18 @@ def _mosaic_fused_output(q, k, v, g, beta):
     return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, fused_output=True)[0]
 
 
+def _mosaic_xla_diag(q, k, v, g, beta):
+    """The Mosaic path with the diagonal sub-blocks in XLA (kernels/kda.py INTRA_KERNEL off)."""
+    from kda_jax.kernels.kda import kda_mosaic
+
+    return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, intra_kernel=False)[0]
+
+
 def jax_impls(unroll_ablation=False):
     impls = {"kda_jax.chunked": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="chunked")[0],
              "kda_jax.mosaic": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="mosaic")[0],
-             "kda_jax.mosaic[fused_output]": _mosaic_fused_output}
+             "kda_jax.mosaic[fused_output]": _mosaic_fused_output,
+             "kda_jax.mosaic[xla_diag]": _mosaic_xla_diag}
     if unroll_ablation:
         impls["kda_jax.chunked[unroll=1]"] = _chunked_with_unroll(1)
     try:

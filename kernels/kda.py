@@ -12,22 +12,76 @@ agreement, within the thresholds of kda_spec §5.3.
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 
-from kda_jax.kernels import state_pass
-from kda_jax.ops.chunked import chunk_outputs, kda_chunked
+from kda_jax.kernels import intra, state_pass
+from kda_jax.ops.chunked import ScanPasses, _diag_blocks, chunk_outputs, kda_chunked
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 # ``output_pass`` (the forward state pass that also forms o) is checked in interpret mode only; the
 # GPU-verified route (``forward_pass``, o in XLA) stays the default until its GPU tests pass.
 FUSED_OUTPUT = False
+# The exact diagonal sub-blocks of the gated products on the ``intra`` kernels instead of XLA.
+INTRA_KERNEL = False
+
+_SUB = intra.SUB
+_R, _C = np.arange(_SUB)[:, None], np.arange(_SUB)[None, :]
+
+
+def _take(x, idx, keep):
+    """x[..., r, idx[r, c]] where ``keep[r, c]``, else 0 (a static gather along the last axis)."""
+    got = jnp.take_along_axis(x, jnp.broadcast_to(jnp.asarray(idx), (*x.shape[:-2], _SUB, _SUB)), axis=-1)
+    return jnp.where(keep, got, 0.0)
+
+
+def _to_chunk_rows(x):
+    """[S, N, B, H, nc, 16 rows, 16 δ] -> the kernels' band layout [N, B, H, S, 16 δ, C]."""
+    S, N, B, H, nc = x.shape[:5]
+    return jnp.moveaxis(x, 0, 3).swapaxes(-1, -2).swapaxes(-2, -3).reshape(N, B, H, S, _SUB, nc * _SUB)
+
+
+def bands_to_blocks(band):
+    """Kernel bands ``[N, B, H, S, 16, C]`` (band[δ, i] = M[i, i − δ]) -> diagonal blocks ``[S, N, B, H, nc, 16, 16]``."""
+    N, B, H, S, _, C = band.shape
+    x = jnp.moveaxis(band.reshape(N, B, H, S, _SUB, C // _SUB, _SUB), 3, 0)  # [S, N, B, H, δ, nc, r]
+    return _take(jnp.moveaxis(x, 4, -1), (_R - _C) % _SUB, _C <= _R)
+
+
+def blocks_to_row_bands(M):
+    """Diagonal blocks ``[S, ..., nc, 16, 16]`` -> bands r[δ, i] = M[i, i − δ] in the kernels' layout."""
+    return _to_chunk_rows(_take(M, (_R - _C) % _SUB, _C <= _R))  # [.., r, δ]
+
+
+def blocks_to_col_bands(M):
+    """Diagonal blocks ``[S, ..., nc, 16, 16]`` -> bands c[δ, j] = M[j + δ, j] in the kernels' layout."""
+    return _to_chunk_rows(_take(M.swapaxes(-1, -2), (_R + _C) % _SUB, _R + _C < _SUB))  # [.., j, δ]
 
 
 class MosaicPasses:
     """The ``passes`` interface of ``kda_jax.ops.chunked`` on the state-pass kernels."""
 
-    def __init__(self, interpret: bool = False, fused_output: bool | None = None):
+    def __init__(self, interpret: bool = False, fused_output: bool | None = None, intra_kernel: bool | None = None):
         self.interpret = bool(interpret)
         self.fused_output = FUSED_OUTPUT if fused_output is None else bool(fused_output)
+        self.intra_kernel = INTRA_KERNEL if intra_kernel is None else bool(intra_kernel)
+
+    def intra_diag(self, gating, q, k):
+        if not self.intra_kernel:
+            return ScanPasses.intra_diag(self, gating, q, k)
+        band = intra.band_lower(q.astype(k.dtype), k, gating.G.astype(_F32), interpret=self.interpret)
+        return bands_to_blocks(band).astype(gating.G.dtype)
+
+    def intra_diag_adjoint(self, gating, q, k, beta, dMs):
+        if not self.intra_kernel:
+            return ScanPasses.intra_diag_adjoint(self, gating, q, k, beta, dMs)
+        dMd = _diag_blocks(dMs).astype(_F32)  # [2, ..., nc, 16, 16]
+        nc = dMd.shape[-3]
+        b = beta.astype(_F32).reshape(*beta.shape[:-1], nc, _SUB)[..., None]
+        cols = jnp.stack([dMd[0] * b, dMd[1]])  # β_i folded into the L rows
+        rl, rp, col = intra.band_adjoint(q.astype(k.dtype), k, gating.G.astype(_F32), blocks_to_row_bands(dMd),
+                                         blocks_to_col_bands(cols), interpret=self.interpret)
+        dt = gating.G.dtype
+        return jnp.stack([rl, rp]).astype(dt), col.astype(dt)
 
     def forward(self, W, U, Kd, gend, h0):
         return state_pass.forward_pass(W.astype(_BF16), U.astype(_BF16), Kd.astype(_BF16), gend.astype(_F32),
@@ -49,7 +103,7 @@ class MosaicPasses:
         return dh0, dSn, dVn
 
     def _key(self):
-        return (self.interpret, self.fused_output)
+        return (self.interpret, self.fused_output, self.intra_kernel)
 
     def __hash__(self):
         return hash((type(self), self._key()))
@@ -59,12 +113,13 @@ class MosaicPasses:
 
 
 def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, interpret=False,
-               fused_output=None):
+               fused_output=None, intra_kernel=None):
     """Canonical inputs (``kda_jax.ops.inputs.canonicalize``) -> (o, final state float32).
 
     Needs chunk_size 64 and K, V multiples of 64 (see ``supports``); ``interpret`` runs the
     kernels on CPU (tests); ``fused_output`` picks the forward kernel that also forms o
-    (default ``FUSED_OUTPUT``).
+    (default ``FUSED_OUTPUT``); ``intra_kernel`` computes the diagonal sub-blocks of the gated
+    products with the ``intra`` kernels (default ``INTRA_KERNEL``).
     """
     return kda_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets,
-                       chunk_size=chunk_size, passes=MosaicPasses(interpret, fused_output))
+                       chunk_size=chunk_size, passes=MosaicPasses(interpret, fused_output, intra_kernel))

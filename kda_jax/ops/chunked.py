@@ -125,11 +125,14 @@ class _Gating:
     Off-diagonal sub-blocks: query rows i of sub-chunk p use ``qfac = e^{G_i − G_n(p)}`` and the
     key rows j < 16p before it use ``kfac[p] = e^{G_n(p) − G_j}``, with n(p) the first row of p;
     both are ≤ 1, and only the blocks below the diagonal are formed. Diagonal sub-blocks use
-    e^{G_i − G_j}, j ≤ i, exactly. Several row operands that share Y are stacked on a leading
-    axis ``S`` so that each exponential is evaluated inside a single fused reduction.
+    e^{G_i − G_j}, j ≤ i, exactly; they come from the ``passes`` object (``ScanPasses``: the
+    ``diag_*`` methods here, in XLA; GPU kernels in ``kda_jax.kernels``). Several row operands
+    that share Y are stacked on a leading axis ``S`` so that each exponential is evaluated inside
+    a single fused reduction.
     """
 
     def __init__(self, G: jax.Array):
+        self.G = G
         C, K = G.shape[-2:]
         self.C, self.nc = C, C // SUB
         self.Gb = G.reshape(*G.shape[:-2], self.nc, SUB, K)
@@ -147,19 +150,35 @@ class _Gating:
     def _blocks(self, x: jax.Array) -> jax.Array:
         return x.reshape(*x.shape[:-2], self.nc, SUB, x.shape[-1])
 
-    def lower(self, Xs: jax.Array, Y: jax.Array) -> jax.Array:
-        """M_s = tril(Σ_d Xs_id Y_jd e^{G_id − G_jd}) for stacked Xs ``[S, ..., C, K]`` -> ``[S, ..., C, C]``."""
+    def diag_lower(self, Xs: jax.Array, Y: jax.Array) -> jax.Array:
+        """The diagonal sub-blocks of ``lower``: ``[S, ..., nc, 16, 16]``."""
+        return jnp.sum(self._blocks(Xs)[..., :, None, :] * self._blocks(Y)[..., None, :, :] * self._dexp(), axis=-1)
+
+    def diag_row_adjoint(self, dMs: jax.Array, Y: jax.Array) -> jax.Array:
+        """The diagonal sub-blocks' part of ``row_adjoint``: ``[S, ..., C, K]``."""
+        out = jnp.sum(_diag_blocks(dMs)[..., None] * self._blocks(Y)[..., None, :, :] * self._dexp(), axis=-2)
+        return out.reshape(*out.shape[:-3], self.C, out.shape[-1])
+
+    def diag_col_adjoint(self, dMs: jax.Array, Xs: jax.Array) -> jax.Array:
+        """The diagonal sub-blocks' part of ``col_adjoint``: ``[..., C, K]``."""
+        dMd = jnp.swapaxes(_diag_blocks(dMs), -1, -2)  # [S, ..., nc, j, i]
+        out = jnp.sum(dMd[..., None] * self._blocks(Xs)[..., None, :, :] * self._dexp(transposed=True), axis=(0, -2))
+        return out.reshape(*out.shape[:-3], self.C, out.shape[-1])
+
+    def lower(self, Xs: jax.Array, Y: jax.Array, diag: jax.Array) -> jax.Array:
+        """M_s = tril(Σ_d Xs_id Y_jd e^{G_id − G_jd}) for stacked Xs ``[S, ..., C, K]`` -> ``[S, ..., C, C]``,
+        given its diagonal sub-blocks ``diag`` (``diag_lower``)."""
         Xb = self._blocks(Xs)
-        diag = jnp.sum(Xb[..., :, None, :] * self._blocks(Y)[..., None, :, :] * self._dexp(), axis=-1)
         rows = [jnp.zeros((*Xs.shape[:-2], SUB, self.C), Xs.dtype)]
         for p, kf in self.kfac.items():
             blk = jnp.einsum("s...id,...jd->s...ij", Xb[..., p, :, :] * self.qfac[..., p, :, :], Y[..., : p * SUB, :] * kf)
             rows.append(jnp.pad(blk, [(0, 0)] * (blk.ndim - 1) + [(0, self.C - p * SUB)]))
         return jnp.concatenate(rows, axis=-2) + _block_diag(diag)
 
-    def row_adjoint(self, dMs: jax.Array, Y: jax.Array) -> jax.Array:
-        """Σ_j dM_ij Y_j e^{G_i − G_j} for stacked lower-triangular dMs ``[S, ..., C, C]`` (gradient w.r.t. X)."""
-        out = jnp.sum(_diag_blocks(dMs)[..., None] * self._blocks(Y)[..., None, :, :] * self._dexp(), axis=-2)
+    def row_adjoint(self, dMs: jax.Array, Y: jax.Array, diag: jax.Array) -> jax.Array:
+        """Σ_j dM_ij Y_j e^{G_i − G_j} for stacked lower-triangular dMs ``[S, ..., C, C]`` (gradient w.r.t. X),
+        given the diagonal sub-blocks' part ``diag`` (``diag_row_adjoint``)."""
+        out = self._blocks(diag)
         blocks = [out[..., 0, :, :]]
         for p, kf in self.kfac.items():
             dM = dMs[..., p * SUB : (p + 1) * SUB, : p * SUB]
@@ -167,12 +186,11 @@ class _Gating:
             blocks.append(out[..., p, :, :] + self.qfac[..., p, :, :] * off)
         return jnp.concatenate(blocks, axis=-2)
 
-    def col_adjoint(self, dMs: jax.Array, Xs: jax.Array) -> jax.Array:
-        """Σ_s Σ_i dM^s_ij Xs^s_i e^{G_i − G_j} for stacked lower-triangular dMs (gradient w.r.t. Y)."""
+    def col_adjoint(self, dMs: jax.Array, Xs: jax.Array, diag: jax.Array) -> jax.Array:
+        """Σ_s Σ_i dM^s_ij Xs^s_i e^{G_i − G_j} for stacked lower-triangular dMs (gradient w.r.t. Y),
+        given the diagonal sub-blocks' part ``diag`` (``diag_col_adjoint``)."""
         Xb = self._blocks(Xs)
-        dMd = jnp.swapaxes(_diag_blocks(dMs), -1, -2)  # [S, ..., nc, j, i]
-        out = jnp.sum(dMd[..., None] * Xb[..., None, :, :] * self._dexp(transposed=True), axis=(0, -2))
-        out = out.reshape(*out.shape[:-3], self.C, out.shape[-1])
+        out = diag
         for p, kf in self.kfac.items():
             dM = dMs[..., p * SUB : (p + 1) * SUB, : p * SUB]
             off = kf * jnp.einsum("s...ij,s...id->...jd", dM, Xb[..., p, :, :] * self.qfac[..., p, :, :])
@@ -200,9 +218,9 @@ def _unit_lower_inverse(L: jax.Array) -> jax.Array:
 # the chunk pieces shared by forward and backward
 
 
-def _intra(qf, kf, beta, gating: _Gating, zones: _Zones, scale):
+def _intra(q, k, qf, kf, beta, gating: _Gating, zones: _Zones, scale, passes):
     """Aqk (lower incl. diagonal) and T = (I + L)⁻¹, both ``[..., C, C]``."""
-    P, R = gating.lower(jnp.stack([qf, kf]), kf)
+    P, R = gating.lower(jnp.stack([qf, kf]), kf, passes.intra_diag(gating, q, k))
     Aqk = zones.pair(scale * P, strict=False)
     L = zones.pair(beta[..., None] * R, strict=True)
     return Aqk, _unit_lower_inverse(L)
@@ -225,8 +243,23 @@ def chunk_outputs(Qs, Aqk, h, Vn):
 
 
 class ScanPasses:
-    """The two serial passes over the chunks as ``lax.scan`` (XLA); ``kda_jax.kernels`` gives GPU
-    kernels with the same interface. Chunk-major arrays ``[N, B, HV, C, D]``."""
+    """The two serial passes over the chunks as ``lax.scan`` (XLA), and the exact diagonal
+    sub-blocks of the gated products (``_Gating``); ``kda_jax.kernels`` gives GPU kernels with the
+    same interface. Chunk-major arrays ``[N, B, HV, C, D]``."""
+
+    def intra_diag(self, gating: _Gating, q, k):
+        """The 16×16 diagonal sub-blocks of the q·k and k·k gated products, ``[2, ..., nc, 16, 16]``
+        (q, k in their input dtype; computed in the dtype of G)."""
+        qf, kf = q.astype(gating.G.dtype), k.astype(gating.G.dtype)
+        return gating.diag_lower(jnp.stack([qf, kf]), kf)
+
+    def intra_diag_adjoint(self, gating: _Gating, q, k, beta, dMs):
+        """Their adjoints for ``dMs = [dL, dP]`` (lower-triangular, ``[2, ..., C, C]``): the rows
+        ``[2, ..., C, K]`` (Σ_j dM_ij k_j e^{G_i − G_j}) and the column sum ``[..., C, K]``
+        (Σ_i (dL_ij β_i k_i + dP_ij q_i) e^{G_i − G_j}), diagonal sub-blocks only."""
+        qf, kf = q.astype(gating.G.dtype), k.astype(gating.G.dtype)
+        return (gating.diag_row_adjoint(dMs, kf),
+                gating.diag_col_adjoint(dMs, jnp.stack([beta[..., None] * kf, qf])))
 
     def forward(self, W, U, Kd, gend, h0):
         """States at chunk starts h, pseudo-values Vn = U − W·h, and the final state."""
@@ -284,7 +317,7 @@ def _core(q, k, v, a, beta, h0, zone, scale, passes):
 
 def _core_fwd(q, k, v, a, beta, h0, zone, scale, passes):
     qf, kf, vf, bf, G, zones = _prepare(q, k, v, a, beta, zone)
-    Aqk, T = _intra(qf, kf, bf, _Gating(G), zones, scale)
+    Aqk, T = _intra(q, k, qf, kf, bf, _Gating(G), zones, scale, passes)
     f = _wy(kf, vf, bf, G, T, zones)
     o, S_T = passes.forward_output(f["W"], f["U"], f["Kd"], f["gend"], h0.astype(qf.dtype), scale * qf * f["Gamma"],
                                    Aqk, v.dtype)
@@ -324,12 +357,13 @@ def _core_bwd(scale, passes, res, cts):
     dL = zones.pair(-(_mT(T) @ dT @ _mT(T)), strict=True)
     dP = scale * zones.pair(dO @ _mT(Vn), strict=False)
     dMs = jnp.stack([dL, dP])
-    row_L, row_P = gating.row_adjoint(dMs, kf)
+    diag_rows, diag_col = passes.intra_diag_adjoint(gating, q, k, bf, dMs)
+    row_L, row_P = gating.row_adjoint(dMs, kf, diag_rows)
     dbeta = dbeta + jnp.sum(kf * row_L, -1)
     dk = dk + bf[..., None] * row_L
     dq = dq + row_P
     dG = dG + bf[..., None] * kf * row_L + qf * row_P
-    col = gating.col_adjoint(dMs, jnp.stack([bf[..., None] * kf, qf]))
+    col = gating.col_adjoint(dMs, jnp.stack([bf[..., None] * kf, qf]), diag_col)
     dk = dk + col
     dG = dG - kf * col
 

@@ -1,0 +1,175 @@
+"""The exact diagonal sub-blocks of chunked KDA's gated products, as Pallas Mosaic GPU kernels.
+
+Inside a 16-row sub-chunk the decay e^{G_i − G_j} (j ≤ i) cannot be split around a reference
+row without overflow under Kimi Linear's unbounded gate (kda_spec §3.5 ii), so those entries are
+summed exactly, channel by channel: ~8.5·K exponentials per token. XLA runs this as a reduction
+over a ``[…, 16, 16, K]`` product (2.1 ms of the 4.5 ms forward at the mid shape, and most of the
+backward, benchmarks/NOTES.md); here each CTA does one chunk, one 32-column block of channels at
+a time, with the operands in registers and in shared memory.
+
+The products are indexed by the distance δ = i − j ∈ [0, 16) ("bands"): for each δ the tile of
+rows i meets the same tile shifted down by δ rows, so every step is elementwise on two ``[C, 32]``
+tiles in the WGMMA register layout, plus a reduction over the columns. Rows whose partner lies
+in the previous sub-chunk (i mod 16 < δ) are computed too and discarded by the caller
+(``kda_jax.ops.chunked``, which turns bands into blocks); every exponent is clamped at 0, so
+those rows stay finite, and the rows beyond the chunk that a shifted tile reads are filled with
+the chunk's own rows.
+
+``band_lower``: for operands X ∈ {q, k} and Y = k,
+    band[s, δ, i] = Σ_d X_s[i, d] · k[i − δ, d] · e^{G[i, d] − G[i − δ, d]}
+``band_adjoint``: the two adjoints of those sums, for row bands r_s[δ, i] = dM_s[i, i − δ] and
+column bands c_s[δ, j] = dM_s[j + δ, j] (β folded into the L band by the caller):
+    row_s[i, d] = Σ_δ r_s[δ, i] · k[i − δ, d] · e^{G[i, d] − G[i − δ, d]}
+    col[j, d]   = Σ_δ (c_L[δ, j] · k[j + δ, d] + c_P[δ, j] · q[j + δ, d]) · e^{G[j + δ, d] − G[j, d]}
+float32 arithmetic throughout (q, k may be bf16 or float32; G and the bands are float32).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kda_jax.kernels.state_pass import _F32, _ROW, _WG, _kernel
+
+SUB = 16
+BLOCK_K = 32  # channels per register tile: 16 float32 registers per thread for a [64, 32] tile
+# Shared-memory rows are padded so that a warp's load of 8 rows × 32 bytes spreads over the banks.
+_PAD = {2: 8, 4: 8}
+
+
+def _check(name, x, shape, dtypes):
+    if x.shape != shape or x.dtype not in [jnp.dtype(d) for d in dtypes]:
+        names = "/".join(jnp.dtype(d).name for d in dtypes)
+        raise ValueError(f"intra kernel: {name} must be {names}{list(shape)}, got {x.dtype}{list(x.shape)}")
+
+
+def _operands(q, k, G):
+    N, B, H, C, K = k.shape
+    for name, x, dts in (("q", q, (k.dtype,)), ("k", k, (jnp.bfloat16, jnp.float32)), ("G", G, (_F32,))):
+        _check(name, x, (N, B, H, C, K), dts)
+    if C % 64 or K % BLOCK_K:
+        raise ValueError(f"intra kernel needs C a multiple of 64 and K of {BLOCK_K}; got C={C} K={K}")
+    return N, B, H, C, K
+
+
+def _padded(rows, dtype, nblocks):
+    return plgpu.SMEM((nblocks, rows, BLOCK_K + _PAD[jnp.dtype(dtype).itemsize]), dtype)
+
+
+class _Tiles:
+    """One chunk's operands: ``[C, BLOCK_K]`` register tiles straight from global memory, and
+    row-shifted copies read back from padded shared memory (rows [SUB, SUB + C) hold the chunk;
+    the SUB rows on either side hold rows of the same chunk, as finite filler)."""
+
+    def __init__(self, refs, smem, idx, C):
+        self.refs, self.smem, self.idx, self.C = refs, smem, idx, C
+
+    def stage(self, cb):
+        """Column block ``cb`` of every operand: its register tiles (float32) by name, with the
+        shared-memory copies written and visible to the whole warpgroup."""
+        cols = pl.ds(cb * BLOCK_K, BLOCK_K)
+        tiles = {name: plgpu.load(ref.at[self.idx].at[:, cols], layout=_WG, optimized=False)
+                 for name, ref in self.refs.items()}
+        at = lambda name, r0: self.smem[name].at[cb].at[pl.ds(r0, self.C), pl.ds(0, BLOCK_K)]
+        for r0 in (0, 2 * SUB):  # filler (rows 0..SUB and C+SUB..C+2·SUB end up as chunk rows)
+            for name in self.smem:
+                at(name, r0)[...] = tiles[name]
+        plgpu.commit_smem()  # the chunk's own rows overwrite the filler only after it landed
+        for name in self.smem:
+            at(name, SUB)[...] = tiles[name]
+        plgpu.commit_smem()
+        return {name: x.astype(_F32) for name, x in tiles.items()}
+
+    def shifted(self, name, cb, delta):
+        """Rows i + delta of the chunk (delta in (−SUB, SUB)), as float32."""
+        buf = self.smem[name].at[cb]
+        return plgpu.load(buf.at[pl.ds(SUB + delta, self.C), pl.ds(0, BLOCK_K)], layout=_WG,
+                          optimized=False).astype(_F32)
+
+
+def _decay(hi, lo):
+    """e^{min(hi − lo, 0)}: exact for causal pairs (hi − lo ≤ 0), finite for discarded ones."""
+    return jnp.exp(jnp.minimum(hi - lo, 0.0))
+
+
+def _row(vec, C):
+    return lax.broadcast_in_dim(vec, (C, BLOCK_K), [0])
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def band_lower(q, k, G, *, interpret=False):
+    """``[N, B, H, 2, SUB, C]`` float32 bands of the q·k and k·k gated products (module docstring)
+    from chunk-major ``q, k [N, B, H, C, K]`` (bf16 or float32, one dtype) and float32 G."""
+    N, B, H, C, K = _operands(q, k, G)
+    nb = K // BLOCK_K
+
+    def body(q_ref, k_ref, g_ref, out_ref, k_s, g_s, o_s):
+        idx = (lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h"))
+        t = _Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(k=k_s, G=g_s), idx, C)
+        acc = [[None] * SUB for _ in range(2)]
+        for cb in range(nb):
+            x = t.stage(cb)
+            qc, kc, gc = x["q"], x["k"], x["G"]
+            for d in range(SUB):
+                y = t.shifted("k", cb, -d) * _decay(gc, t.shifted("G", cb, -d))
+                for s, xs in enumerate((qc, kc)):
+                    part = jnp.sum(xs * y, axis=1)
+                    acc[s][d] = part if cb == 0 else acc[s][d] + part
+        for s in range(2):
+            for d in range(SUB):
+                o_s.at[s, d][...] = acc[s][d]
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_s, out_ref.at[idx])
+        plgpu.wait_smem_to_gmem(0)
+
+    rows = C + 2 * SUB
+    kern = _kernel(body, name="kda_intra_band_lower", interpret=interpret, grid=(N, B, H), grid_names=("n", "b", "h"),
+                   out_type=jax.ShapeDtypeStruct((N, B, H, 2, SUB, C), _F32),
+                   scratch_types=[_padded(rows, k.dtype, nb), _padded(rows, _F32, nb), plgpu.SMEM((2, SUB, C), _F32)])
+    return kern(q, k, G)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def band_adjoint(q, k, G, rows, cols, *, interpret=False):
+    """``(row_L, row_P, col)``, each ``[N, B, H, C, K]`` float32 (module docstring), from the
+    operands of ``band_lower`` and float32 bands ``rows = (r_L, r_P)``, ``cols = (c_L, c_P)`` stacked
+    as ``[N, B, H, 2, SUB, C]``."""
+    N, B, H, C, K = _operands(q, k, G)
+    for name, x in (("rows", rows), ("cols", cols)):
+        _check(name, x, (N, B, H, 2, SUB, C), (_F32,))
+    nb = K // BLOCK_K
+
+    def body(q_ref, k_ref, g_ref, r_ref, c_ref, rl_ref, rp_ref, col_ref, q_s, k_s, g_s, r_s, c_s, bar):
+        idx = (lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h"))
+        plgpu.copy_gmem_to_smem(r_ref.at[idx], r_s, bar)
+        plgpu.copy_gmem_to_smem(c_ref.at[idx], c_s, bar)
+        t = _Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(q=q_s, k=k_s, G=g_s), idx, C)
+        plgpu.barrier_wait(bar)
+        band = lambda ref, s, d: _row(plgpu.load(ref.at[s, d], layout=_ROW, optimized=False), C)
+        for cb in range(nb):
+            gc = t.stage(cb)["G"]
+            row_l = row_p = col = None
+            for d in range(SUB):
+                y = t.shifted("k", cb, -d) * _decay(gc, t.shifted("G", cb, -d))
+                row_l = band(r_s, 0, d) * y if d == 0 else row_l + band(r_s, 0, d) * y
+                row_p = band(r_s, 1, d) * y if d == 0 else row_p + band(r_s, 1, d) * y
+                x = band(c_s, 0, d) * t.shifted("k", cb, d) + band(c_s, 1, d) * t.shifted("q", cb, d)
+                term = x * _decay(t.shifted("G", cb, d), gc)
+                col = term if d == 0 else col + term
+            cols_ = pl.ds(cb * BLOCK_K, BLOCK_K)
+            for ref, val in ((rl_ref, row_l), (rp_ref, row_p), (col_ref, col)):
+                ref.at[idx].at[:, cols_][...] = val
+
+    rows_ = C + 2 * SUB
+    out = tuple(jax.ShapeDtypeStruct((N, B, H, C, K), _F32) for _ in range(3))
+    kern = _kernel(body, name="kda_intra_band_adjoint", interpret=interpret, grid=(N, B, H),
+                   grid_names=("n", "b", "h"), out_type=out,
+                   scratch_types=[_padded(rows_, q.dtype, nb), _padded(rows_, k.dtype, nb), _padded(rows_, _F32, nb),
+                                  plgpu.SMEM((2, SUB, C), _F32), plgpu.SMEM((2, SUB, C), _F32),
+                                  plgpu.Barrier(num_arrivals=2)])
+    return kern(q, k, G, rows, cols)
