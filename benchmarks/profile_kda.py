@@ -15,6 +15,7 @@ import collections
 import glob
 import json
 import os
+import re
 import sys
 import tempfile
 
@@ -39,8 +40,19 @@ def passes(impl, x):
     return args, {"fwd": jax.jit(f), "fwdbwd": jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3, 4)))}
 
 
-def profile(fn, args, calls, top):
-    ops = hlo_op_names(fn.lower(*args).compile().as_text())
+def fusion_body(text, kernel, max_lines=30):
+    """The HLO of the fusion the profiler names ``kernel``: its instruction and the computation it calls."""
+    for m in re.finditer(r'^\s*%?([\w.\-]+) = (.*calls=%?([\w.\-]+).*)$', text, re.M):
+        if m.group(1).replace(".", "_") == kernel:
+            body = re.search(r'^%?' + re.escape(m.group(3)) + r' .*?\n}', text, re.M | re.S)
+            lines = [m.group(2)[:300]] + (body.group(0).splitlines()[1:max_lines] if body else [])
+            return "\n".join("    " + ln.strip()[:240] for ln in lines)
+    return ""
+
+
+def profile(fn, args, calls, top, bodies=0):
+    text = fn.lower(*args).compile().as_text()
+    ops = hlo_op_names(text)
     jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d):
@@ -55,6 +67,8 @@ def profile(fn, args, calls, top):
         by_name[name][1] += ns
     busy = sum(ns for _, ns, _ in events) / calls / 1e6
     rows = sorted(by_name.items(), key=lambda kv: -kv[1][1])[:top]
+    for n, _ in rows[:bodies]:
+        print(f"-- {n}\n{fusion_body(text, n)}")
     return {"busy_ms": busy, "kernels_per_call": len(events) / calls,
             "top": [{"name": n[:120], "op": ops.get(n, "")[:200], "calls": c / calls, "ms": ns / calls / 1e6}
                     for n, (c, ns) in rows]}
@@ -66,12 +80,13 @@ def main():
     ap.add_argument("--shape", default="mid", choices=sorted(SHAPES))
     ap.add_argument("--calls", type=int, default=5)
     ap.add_argument("--top", type=int, default=30)
+    ap.add_argument("--bodies", type=int, default=0, help="print the HLO of the top N fusions")
     ap.add_argument("--out")
     a = ap.parse_args()
     args, fns = passes(a.impl, make_inputs(*SHAPES[a.shape]))
     for name, fn in fns.items():
         r = {"gpu": jax.devices()[0].device_kind, "impl": a.impl, "shape": a.shape, "pass": name,
-             "sha": os.environ.get("KDA_JAX_SHA", ""), **profile(fn, args, a.calls, a.top)}
+             "sha": os.environ.get("KDA_JAX_SHA", ""), **profile(fn, args, a.calls, a.top, a.bodies)}
         print(f"\n== {a.impl} {a.shape} {name}: {r['busy_ms']:.3f} ms busy, {r['kernels_per_call']:.0f} kernels per call")
         for t in r["top"]:
             print(f"{t['ms']:8.3f} ms {t['calls']:5.1f}x  {t['name'][:40]:40s} {t['op'][-110:]}")

@@ -42,6 +42,8 @@ BLOCK_K = 32  # channels per register tile: 16 float32 registers per thread for 
 _PAD = {2: 8, 4: 8}
 # ex2.approx for the decays (every exponent is ≤ 0; relative error ~1e-7, far inside bf16 rounding).
 APPROX_EXP = True
+# Distances per iteration of the adjoint's loops (fully unrolled, the kernel needed 253 registers).
+ADJOINT_UNROLL = 1
 
 
 def _kernel(body, *, name, interpret, **kw):
@@ -96,9 +98,10 @@ class _Tiles:
         plgpu.commit_smem()
         return {name: x.astype(_F32) for name, x in tiles.items()}
 
-    def shifted(self, name, delta):
-        """Rows i + delta of the chunk (delta in (−SUB, SUB)) in the staged block, as float32."""
-        return plgpu.load(self.smem[name].at[pl.ds(SUB + delta, self.C), pl.ds(0, BLOCK_K)], layout=_WG,
+    def shifted(self, name, delta, sign=1):
+        """Rows i + sign·delta of the chunk (0 ≤ delta < SUB, static or traced) in the staged block, as float32."""
+        start = SUB + delta if sign > 0 else SUB - delta
+        return plgpu.load(self.smem[name].at[pl.ds(start, self.C), pl.ds(0, BLOCK_K)], layout=_WG,
                           optimized=False).astype(_F32)
 
 
@@ -124,7 +127,7 @@ def band_lower(q, k, G, *, interpret=False):
         for cb in range(nb):
             x = t.stage(cb)
             for d in range(SUB):
-                y = t.shifted("k", -d) * _decay(x["G"], t.shifted("G", -d))
+                y = t.shifted("k", d, -1) * _decay(x["G"], t.shifted("G", d, -1))
                 for s, xs in enumerate((x["q"], x["k"])):
                     part = jnp.sum(xs * y, axis=1)  # the partial sums live in shared memory, not registers;
                     acc = o_s.at[s, d]  # each thread reads back only the rows it wrote
@@ -160,19 +163,24 @@ def band_adjoint(q, k, G, rows, cols, *, interpret=False):
         for cb in range(nb):
             gc = t.stage(cb)["G"]
             cols_ = pl.ds(cb * BLOCK_K, BLOCK_K)
-            acc = [None, None]  # the row adjoints first, then the column sum: fewer live tiles
-            for d in range(SUB):
-                y = t.shifted("k", -d) * _decay(gc, t.shifted("G", -d))
-                for s in range(2):
-                    term = band(r_s, s, d) * y
-                    acc[s] = term if d == 0 else acc[s] + term
-            rl_ref.at[idx].at[:, cols_][...] = acc[0]
-            rp_ref.at[idx].at[:, cols_][...] = acc[1]
-            col = None
-            for d in range(SUB):
+
+            def rows_step(d, acc):
+                y = t.shifted("k", d, -1) * _decay(gc, t.shifted("G", d, -1))
+                return tuple(a + band(r_s, s, d) * y for s, a in enumerate(acc))
+
+            def col_step(d, acc):
                 x = band(c_s, 0, d) * t.shifted("k", d) + band(c_s, 1, d) * t.shifted("q", d)
-                term = x * _decay(t.shifted("G", d), gc)
-                col = term if d == 0 else col + term
+                return acc + x * _decay(t.shifted("G", d), gc)
+
+            # the row adjoints first, then the column sum (fewer live tiles); δ = 0 (decay 1) starts
+            # each sum, a loop over the other distances keeps the compiler from hoisting all their loads
+            kc = t.shifted("k", 0)
+            row_l, row_p = lax.fori_loop(1, SUB, rows_step, (band(r_s, 0, 0) * kc, band(r_s, 1, 0) * kc),
+                                         unroll=ADJOINT_UNROLL)
+            rl_ref.at[idx].at[:, cols_][...] = row_l
+            rp_ref.at[idx].at[:, cols_][...] = row_p
+            col = lax.fori_loop(1, SUB, col_step, band(c_s, 0, 0) * kc + band(c_s, 1, 0) * t.shifted("q", 0),
+                                unroll=ADJOINT_UNROLL)
             col_ref.at[idx].at[:, cols_][...] = col
 
     rows_ = C + 2 * SUB

@@ -300,9 +300,19 @@ class ScanPasses:
 SCAN = ScanPasses()
 
 
+def _chunk_cumsum(x: jax.Array, reverse: bool = False) -> jax.Array:
+    """Inclusive cumulative sum over the rows of each chunk (axis −2; from the end if ``reverse``), as a
+    product with a triangular matrix of ones: one GEMM where XLA's GPU cumsum is a slow reduce-window
+    (0.29 ms for the mid benchmark shape's 134 MB on an H100, benchmarks/NOTES.md). HIGHEST precision
+    keeps it a float32 (float64) sum; rows past i meet exact zeros, so row i depends on rows ≤ i only."""
+    C = x.shape[-2]
+    tri = np.tril(np.ones((C, C))) if not reverse else np.triu(np.ones((C, C)))
+    return jnp.einsum("ij,...jd->...id", jnp.asarray(tri, x.dtype), x, precision=_HIGHEST)
+
+
 def _prepare(q, k, v, a, beta, zone):
     acc = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
-    G = jnp.cumsum(a.astype(acc), axis=-2)
+    G = _chunk_cumsum(a.astype(acc))
     return q.astype(acc), k.astype(acc), v.astype(acc), beta.astype(acc), G, _Zones(zone)
 
 
@@ -369,7 +379,7 @@ def _core_bwd(scale, passes, res, cts):
 
     # from G to the per-token log decay: reverse cumsum inside the chunk (step 7)
     dG = dG.at[..., -1, :].add(dG_last)
-    da = jnp.flip(jnp.cumsum(jnp.flip(dG, -2), axis=-2), -2)
+    da = _chunk_cumsum(dG, reverse=True)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), da.astype(a.dtype),
             dbeta.astype(beta.dtype), dh0.astype(h0.dtype), None)
 
