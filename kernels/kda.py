@@ -1,12 +1,14 @@
-"""Chunked KDA with its serial passes on the Mosaic GPU kernels of ``state_pass``.
+"""Chunked KDA with its serial passes and its exact diagonal blocks on Mosaic GPU kernels.
 
 ``kda_mosaic`` is ``kda_jax.ops.chunked.kda_chunked`` with ``passes=MosaicPasses()``: the
-parallel-over-chunks algebra (gating, the exact diagonal sub-blocks, the triangular inverse,
-W/U/Kd, outputs and the gradients that follow from the chunk states) is the same XLA code as
-the ``chunked`` implementation, so the two share one backward; only the two recurrences over
-the chunks (forward states and the reverse sweep of dS) run as kernels. Operands the kernels
-read are rounded to bf16 (the state stays float32), so float32 inputs give bf16-level
-agreement, within the thresholds of kda_spec §5.3.
+parallel-over-chunks algebra (gating, the off-diagonal sub-blocks, the triangular inverse, W/U/Kd,
+outputs and the gradients that follow from the chunk states) is the same XLA code as the
+``chunked`` implementation, so the two share one backward. Kernels run the two recurrences over
+the chunks (forward states and the reverse sweep of dS, ``state_pass``) and the exact 16×16
+diagonal sub-blocks of the gated products and their adjoints (``intra``; they work on "bands",
+``band[δ, i] = M[i, i − δ]``, converted from and to blocks here by static gathers). Operands the
+state passes read are rounded to bf16 (the state stays float32), so float32 inputs give bf16-level
+agreement, within the thresholds of kda_spec §5.3; the diagonal blocks are float32 sums.
 """
 
 from __future__ import annotations
