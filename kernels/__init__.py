@@ -19,12 +19,22 @@ from kda_jax.ops import registry
 MOSAIC_AUTO = True
 
 
+# Under a multi-device mesh ``kda(...)`` can run the kernels per shard (``kda_jax.ops.sharded``,
+# shard_map over batch rows and heads; checked on 8 CPU devices with ``chunked`` in its place,
+# tests/ops/test_sharded.py). Not yet run on GPUs: until ``test_gpu_sharded_*`` passes on two,
+# ``auto`` keeps taking ``chunked`` under such meshes.
+MOSAIC_SHARDED = False
+
+
 def mosaic_supports(call: registry.Call) -> str | None:
     """None when the Mosaic kernels can run ``call``, else the reason they cannot."""
     if call.backend != "gpu":
         return f"needs a GPU backend, got {call.backend}"
+    if call.sharded and not MOSAIC_SHARDED:
+        return "one shard of a multi-device mesh: the shard_map path is not yet GPU-tested (MOSAIC_SHARDED)"
     if call.num_devices != 1:  # pallas_call has no SPMD partitioning rule: a sharded batch would be gathered
-        return f"single-device programs only (no partitioning rule yet), got {call.num_devices} devices"
+        return (f"{call.num_devices} devices and no context mesh: the kernels run on one device, or per shard "
+                "under jax.set_mesh")
     if call.chunk_size != 64:
         return f"needs chunk_size 64, got {call.chunk_size}"
     if call.K not in (64, 128) or call.V not in (64, 128):
@@ -40,7 +50,7 @@ def _kda_mosaic(*args, **kwargs):
     return kda_mosaic(*args, **kwargs)
 
 
-registry.register("mosaic", _kda_mosaic, mosaic_supports, priority=10, auto=MOSAIC_AUTO)
+registry.register("mosaic", _kda_mosaic, mosaic_supports, priority=10, auto=MOSAIC_AUTO, per_shard=True)
 
 # The decode kernel's GPU tests (tests/kernels/test_decode_kernel.py, ``-m gpu``) passed on an H100
 # at commit 69be20d and it beats the XLA path there (benchmarks/NOTES.md): ``auto`` takes it.

@@ -11,7 +11,7 @@ The products are indexed by the distance δ = i − j ∈ [0, 16) ("bands"): for
 rows i meets the same tile shifted down by δ rows, so every step is elementwise on two ``[C, 32]``
 tiles in the WGMMA register layout, plus a reduction over the columns. Rows whose partner lies
 in the previous sub-chunk (i mod 16 < δ) are computed too and discarded by the caller
-(``kda_jax.ops.chunked``, which turns bands into blocks); every exponent is clamped at 0, so
+(``kernels/kda.py``, which turns bands into blocks); every exponent is clamped at 0, so
 those rows stay finite, and the rows beyond the chunk that a shifted tile reads are filled with
 the chunk's own rows.
 
@@ -35,6 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kda_jax.kernels.state_pass import _F32, _ROW, _WG
+from kda_jax.kernels.state_pass import _kernel as _plain_kernel
 
 SUB = 16
 BLOCK_K = 32  # channels per register tile: 16 float32 registers per thread for a [64, 32] tile
@@ -46,10 +47,8 @@ APPROX_EXP = True
 ADJOINT_UNROLL = 1
 
 
-def _kernel(body, *, name, interpret, **kw):
-    params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=APPROX_EXP)
-    return plgpu.kernel(body, kernel_name=name, compiler_params=params,
-                        interpret=plgpu.InterpretGPUParams() if interpret else None, **kw)
+def _kernel(body, **kw):
+    return _plain_kernel(body, approx_math=APPROX_EXP, **kw)
 
 
 def _check(name, x, shape, dtypes):

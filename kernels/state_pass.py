@@ -48,8 +48,8 @@ def _tiled(shape, dtype=_BF16, minor=None):
                                                plgpu.SwizzleTransform(swizzle)))
 
 
-def _kernel(body, *, name, interpret, **kw):
-    params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=False)
+def _kernel(body, *, name, interpret, approx_math=False, **kw):
+    params = plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane, approx_math=approx_math)
     return plgpu.kernel(body, kernel_name=name, compiler_params=params,
                         interpret=plgpu.InterpretGPUParams() if interpret else None, **kw)
 

@@ -11,7 +11,7 @@ beta ``[B, T, HV]``, states ``[B, HV, K, V]`` float32, segment_ids ``[B, T]`` in
 
 from __future__ import annotations
 
-from kda_jax.ops import registry
+from kda_jax.ops import registry, sharded
 from kda_jax.ops.chunked import kda_chunked
 from kda_jax.ops.decode import kda_decode
 from kda_jax.ops.inputs import canonicalize, check_chunk_size, kda_gate, l2_normalize
@@ -54,7 +54,8 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
       beta_is_logit: apply a sigmoid to beta first.
       chunk_size: 32 or 64, for chunked implementations.
       impl: "auto" (GPU kernel when one supports the call, else "chunked"), or a name from
-        ``kda_jax.ops.registry.names()``.
+        ``kda_jax.ops.registry.names()``. Under a multi-device context mesh (``jax.set_mesh``) a
+        kernel runs per shard (``kda_jax.ops.sharded``: batch rows and heads split).
 
     Returns:
       (o ``[B, T, HV, V]`` in v.dtype, final state ``[B, HV, K, V]`` float32 or None).
@@ -63,9 +64,12 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
     c = canonicalize(q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
                      use_qk_l2norm=use_qk_l2norm, A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit,
                      scalar_gate=_scalar_gate)
-    entry = registry.select(impl, registry.describe_call(c, chunk_size))
-    o, S_T = entry.fn(c.q, c.k, c.v, c.g, c.beta, scale=c.scale, initial_state=c.initial_state,
-                      resets=c.resets, chunk_size=chunk_size)
+    sp = sharded.plan(c.q.shape[0], c.q.shape[2], c.v.shape[2])
+    entry = registry.select(impl, registry.describe_call(c, chunk_size),
+                            None if sp is None else registry.describe_call(c, chunk_size, sp))
+    args = (c.q, c.k, c.v, c.g, c.beta)
+    kw = dict(scale=c.scale, initial_state=c.initial_state, resets=c.resets, chunk_size=chunk_size)
+    o, S_T = sharded.run(entry.fn, sp, *args, **kw) if entry.per_shard and sp else entry.fn(*args, **kw)
     return o, (S_T if output_final_state else None)
 
 

@@ -6,6 +6,11 @@ reason it cannot. ``impl="auto"`` walks the registered implementations in priori
 (GPU kernels first, then ``chunked``, then ``reference``) and takes the first whose predicate
 accepts the call; a kernel registers with a predicate that accepts exactly what its GPU tests
 cover, so an untested configuration never reaches it.
+
+A ``per_shard`` implementation (a kernel with no SPMD partitioning rule) is judged on the call one
+shard of the context mesh would make (``sharded.plan``: batch rows and heads split, ``sharded=True``,
+one device); ``kda(...)`` then runs it under ``jax.shard_map``. Without a mesh it sees the whole
+call and the number of devices of the process.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ class Call:
     has_segments: bool
     has_initial_state: bool
     backend: str
-    num_devices: int = 1  # devices of the process: a kernel without a partitioning rule must refuse > 1
+    num_devices: int = 1  # devices of the program: a kernel without a partitioning rule must refuse > 1
+    sharded: bool = False  # one shard of a multi-device mesh program (run under jax.shard_map)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,37 +48,50 @@ class Impl:
     supports: Callable[[Call], str | None]
     priority: int  # lower runs first under impl="auto"
     auto: bool
+    per_shard: bool = False  # runs per shard of the context mesh (see the module docstring)
 
 
 _REGISTRY: dict[str, Impl] = {}
 
 
-def register(name: str, fn: Callable, supports: Callable[[Call], str | None], *, priority: int, auto: bool = True):
+def register(name: str, fn: Callable, supports: Callable[[Call], str | None], *, priority: int, auto: bool = True,
+             per_shard: bool = False):
     """Add (or replace) an implementation. Kernels use priority < 100; ``chunked`` is 100."""
-    _REGISTRY[name] = Impl(name, fn, supports, priority, auto)
+    _REGISTRY[name] = Impl(name, fn, supports, priority, auto, per_shard)
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name)
 
 
 def names() -> list[str]:
     return sorted(_REGISTRY, key=lambda n: _REGISTRY[n].priority)
 
 
-def describe_call(c, chunk_size: int) -> Call:
+def describe_call(c, chunk_size: int, plan=None) -> Call:
+    """The call on canonical inputs ``c``; with a ``sharded.ShardPlan``, the call of one shard."""
     B, T, H, K = c.q.shape
     HV, V = c.v.shape[2], c.v.shape[3]
-    return Call(B=B, T=T, H=H, HV=HV, K=K, V=V, qkv_dtype=jnp.dtype(c.q.dtype), chunk_size=chunk_size,
+    call = Call(B=B, T=T, H=H, HV=HV, K=K, V=V, qkv_dtype=jnp.dtype(c.q.dtype), chunk_size=chunk_size,
                 has_segments=c.resets is not None, has_initial_state=c.initial_state is not None,
                 backend=jax.default_backend(), num_devices=jax.device_count())
+    if plan is None:
+        return call
+    nb, nh = plan.batch_shards, plan.head_shards
+    return dataclasses.replace(call, B=B // nb, H=H // nh, HV=HV // nh, num_devices=1, sharded=True)
 
 
-def select(impl: str, call: Call) -> Impl:
-    """The implementation to run: the named one (if it supports the call) or the first that does."""
+def select(impl: str, call: Call, shard_call: Call | None = None) -> Impl:
+    """The implementation to run: the named one (if it supports the call) or the first that does.
+    ``per_shard`` implementations are judged on ``shard_call`` when there is one."""
+    judge = lambda entry: entry.supports(shard_call if entry.per_shard and shard_call is not None else call)
     if impl == "auto":
         reasons = []
         for name in names():
             entry = _REGISTRY[name]
             if not entry.auto:
                 continue
-            why = entry.supports(call)
+            why = judge(entry)
             if why is None:
                 return entry
             reasons.append(f"{name}: {why}")
@@ -80,7 +99,7 @@ def select(impl: str, call: Call) -> Impl:
     if impl not in _REGISTRY:
         raise ValueError(f"impl must be 'auto' or one of {names()}, got {impl!r}")
     entry = _REGISTRY[impl]
-    why = entry.supports(call)
+    why = judge(entry)
     if why is not None:
         raise ValueError(f"impl={impl!r} does not support this call: {why}")
     return entry
