@@ -266,6 +266,7 @@ def main():
     ap.add_argument("--unroll-ablation", action="store_true", help="also time the chunked path without unrolling")
     ap.add_argument("--no-memory", action="store_true", help="skip the compiled-memory rows")
     ap.add_argument("--decode-only", action="store_true", help="only the decode bandwidth rows")
+    ap.add_argument("--no-decode", action="store_true", help="skip the decode bandwidth rows")
     args = ap.parse_args()
 
     gpu = jax.devices()[0].device_kind
@@ -283,7 +284,7 @@ def main():
     impls = {n: f for n, f in jax_impls(args.unroll_ablation).items() if keep(n)}
     torch, chunk_kda = fla_impl() if keep("fla.chunk_kda") else (None, None)
     rows, checks = [], []
-    for r in decode_rows(args.iters):
+    for r in ([] if args.no_decode else decode_rows(args.iters)):
         r["pass"] = r.pop("pass_")
         rows.append(r)
         print(f"{r['impl']} S={r['tokens']}: {r['ms']:.3f} ms, {r['gbps']:.0f} GB/s of state traffic "
