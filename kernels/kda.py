@@ -63,7 +63,7 @@ def blocks_to_col_bands(M):
 
 
 class MosaicPasses:
-    """The ``passes`` interface of ``kda_jax.ops.chunked`` on the state-pass kernels."""
+    """The ``passes`` interface of ``kda_jax.ops.chunked`` on the state-pass and intra kernels."""
 
     def __init__(self, interpret: bool = False, fused_output: bool | None = None, intra_kernel: bool | None = None):
         self.interpret = bool(interpret)
