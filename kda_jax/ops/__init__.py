@@ -43,6 +43,7 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
       v: ``[B, T, HV, V]`` values; value head h reads q/k head h // (HV // H).
       g: ``[B, T, HV, K]`` per-token log decay a ≤ 0, or, when ``A_log`` is given, the raw gate
         input f: then a = −exp(A_log[h]) · softplus(f + dt_bias) is applied inside (float32).
+        Decays below ``inputs.GATE_FLOOR`` (−200; −inf included) are clamped to it: a full reset.
       beta: ``[B, T, HV]`` write strength in (0, 1), or logits when ``beta_is_logit``.
       scale: query scale, default K ** -0.5.
       initial_state: ``[B, HV, K, V]`` state before the first token (cast to float32).

@@ -80,6 +80,12 @@ def resets_from_segment_ids(segment_ids: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.zeros_like(change[:, :1]), change], axis=1)
 
 
+# Per-step log decays below this are a full reset in float32 (e^{-104} already underflows to 0), so
+# clamping them changes no float32 result; it makes −inf (a hard reset) safe in the chunked forms,
+# which take differences of in-chunk cumsums (−inf − (−inf) is NaN), and keeps those cumsums small.
+GATE_FLOOR = -200.0
+
+
 def canonicalize(
     q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, use_qk_l2norm=False,
     A_log=None, dt_bias=None, beta_is_logit=False, scalar_gate=False,
@@ -133,6 +139,7 @@ def canonicalize(
         raise ValueError("dt_bias is only used with the in-op gate: pass A_log as well (or neither)")
     else:
         g = g.astype(jnp.float32).reshape(B, T, HV, gate_width)
+    g = jnp.maximum(g, GATE_FLOOR)
     if scalar_gate:
         g = jnp.broadcast_to(g, (B, T, HV, K))
 
