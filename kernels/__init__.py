@@ -1,8 +1,9 @@
 """GPU kernels of kda-jax (Pallas Mosaic GPU, H100), registered with ``kda_jax.ops.kda``.
 
 ``mosaic``: chunked KDA whose serial state passes and exact diagonal sub-blocks run as Mosaic
-GPU kernels (``kda.py``, ``state_pass.py``, ``intra.py``). Its ``supports`` predicate accepts exactly the envelope the GPU tests
-cover (tests/kernels); anything else falls back to ``chunked`` under ``impl="auto"``.
+GPU kernels (``kda.py``, ``state_pass.py``, ``intra.py``). Its ``supports`` predicate accepts
+exactly the envelope the GPU tests cover (tests/kernels); anything else falls back to ``chunked``
+under ``impl="auto"``.
 The decode step (``decode.py``, taken by ``kda_jax.ops.kda_decode``) and the decode-sized MoE
 expert products (``gathered.py``, taken by ``kda_jax.layers.moe``) have their own ``*_supports``
 predicates and switches below. Pallas is imported only when a kernel is first called.
