@@ -123,7 +123,7 @@ def test_auto_picks_chunked_on_cpu_and_a_supported_kernel_first():
         with pytest.raises(ValueError, match="fake_kernel.*does not support this call: dtype float32 untested"):
             kda(*args, impl="fake_kernel")
     finally:
-        registry._REGISTRY.pop("fake_kernel")
+        registry.unregister("fake_kernel")
     assert registry.names() == ["mosaic", "chunked", "reference"]
 
 
