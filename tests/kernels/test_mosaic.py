@@ -91,7 +91,7 @@ def test_interpret_packed_documents():
     check_against_oracle(_mosaic(resets, fused_output=True), x, resets=resets, label="mosaic segments")
 
 
-def test_dispatch_is_fail_closed():
+def test_dispatch_is_fail_closed(monkeypatch):
     """The kernel refuses what the GPU tests do not cover, and ``auto`` never picks it on CPU."""
     call = lambda **kw: registry.Call(**{**dict(B=1, T=64, H=1, HV=1, K=128, V=128, qkv_dtype=jnp.dtype(jnp.bfloat16),
                                                 chunk_size=64, has_segments=True, has_initial_state=True,
@@ -99,7 +99,12 @@ def test_dispatch_is_fail_closed():
     assert mosaic_supports(call()) is None
     assert "GPU" in mosaic_supports(call(backend="cpu"))
     assert "no context mesh" in mosaic_supports(call(num_devices=8))
+    assert mosaic_supports(call(sharded=True)) is None  # one shard of a mesh: GPU-tested on two H100s
+    import kda_jax.kernels as kernels
+
+    monkeypatch.setattr(kernels, "MOSAIC_SHARDED", False)
     assert "MOSAIC_SHARDED" in mosaic_supports(call(sharded=True))
+    monkeypatch.undo()
     assert "chunk_size" in mosaic_supports(call(chunk_size=32))
     assert "K, V" in mosaic_supports(call(K=96))
     assert "K, V" in mosaic_supports(call(V=256))
