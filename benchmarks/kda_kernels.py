@@ -194,38 +194,58 @@ HBM_PEAK = 3.35e12  # bytes/s, H100 SXM HBM3 nominal
 
 def decode_rows(iters):
     """Achieved state bandwidth of ``kda_decode``: the state is read and written once per call
-    (2 · B·H·K·V·4 bytes), timed over ``iters`` chained calls with the state donated."""
+    (2 · B·H·K·V·4 bytes). Two timings: ``ms``, the device's rate in a decode loop (``iters``
+    chained calls, the state donated from one to the next, one wait at the end: how a serving loop
+    dispatches), from which ``gbps`` and ``frac_hbm_peak``; and ``ms_call``, the median of single
+    calls each waited for (adds the host's dispatch, ~0.1 ms). The Mosaic kernel's ring depth and
+    CTA count are swept at 1 and 4 tokens (``impl`` ``mosaic[s<stages>,p<CTAs>]``)."""
+    from kda_jax.kernels.decode import decode_step
     from kda_jax.ops import kda_decode
 
     B, Hd, Kd, Vd = DECODE["B"], DECODE["H"], DECODE["K"], DECODE["V"]
+    configs = [("xla", None), ("mosaic", None)] + [(f"mosaic[s{st},p{mp}]", (st, mp)) for st, mp in
+                                                   ((3, 264), (4, 132), (4, 264))]
     rows = []
-    for S, impl in ((1, "xla"), (4, "xla"), (1, "mosaic"), (4, "mosaic")):
+    for S in (1, 4, 8):
         rng = np.random.default_rng(S)
         unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
         q, k = (jnp.asarray(unit(rng.standard_normal((B, S, Hd, Kd))), jnp.bfloat16) for _ in range(2))
         v = jnp.asarray(rng.standard_normal((B, S, Hd, Vd)), jnp.bfloat16)
         g = jnp.asarray(-np.logaddexp(0, rng.standard_normal((B, S, Hd, Kd))), jnp.float32)
         beta = jnp.asarray(rng.random((B, S, Hd)), jnp.bfloat16)
-        step = jax.jit(lambda st: kda_decode(q, k, v, g, beta, st, impl=impl), donate_argnums=0)
-        state = jnp.zeros((B, Hd, Kd, Vd), jnp.float32)
-        try:
-            for _ in range(3):
-                _, state = step(state)
-        except Exception as e:
-            print(f"decode {impl} S={S} failed: {type(e).__name__}: {str(e)[:300]}")
-            continue
-        jax.block_until_ready(state)
-        ts = []
-        for _ in range(iters):
-            t0 = time.perf_counter()
-            o, state = step(state)
+        f32 = lambda x: x.astype(jnp.float32)
+        for name, cfg in configs if S < 8 else configs[:2]:
+            if cfg is None:
+                fn = lambda st, impl=name: kda_decode(q, k, v, g, beta, st, impl=impl)
+            else:  # the kernel itself at another setting, on the same float32 inputs kda_decode gives it
+                fn = lambda st, cfg=cfg: decode_step(f32(q), f32(k), f32(v), g, f32(beta), st, scale=Kd**-0.5,
+                                                     stages=cfg[0], max_programs=cfg[1])
+            step = jax.jit(fn, donate_argnums=0)
+            state = jnp.zeros((B, Hd, Kd, Vd), jnp.float32)
+            try:
+                for _ in range(3):
+                    _, state = step(state)
+            except Exception as e:
+                print(f"decode {name} S={S} failed: {type(e).__name__}: {str(e)[:300]}")
+                continue
             jax.block_until_ready(state)
-            ts.append(time.perf_counter() - t0)
-        ms = statistics.median(ts) * 1e3
-        state_bytes = 2 * B * Hd * Kd * Vd * 4
-        rows.append(dict(impl=f"kda_jax.decode[{impl}]", pass_="decode", shape=f"decode_S{S}", **DECODE, tokens=S, ms=ms,
-                         ms_min=min(ts) * 1e3, n=iters, state_bytes=state_bytes,
-                         gbps=state_bytes / (ms * 1e-3) / 1e9, frac_hbm_peak=state_bytes / (ms * 1e-3) / HBM_PEAK))
+            ts = []
+            for _ in range(iters):
+                t0 = time.perf_counter()
+                o, state = step(state)
+                jax.block_until_ready(state)
+                ts.append(time.perf_counter() - t0)
+            reps = 5 * iters
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                o, state = step(state)
+            jax.block_until_ready(state)
+            ms = (time.perf_counter() - t0) / reps * 1e3
+            state_bytes = 2 * B * Hd * Kd * Vd * 4
+            rows.append(dict(impl=f"kda_jax.decode[{name}]", pass_="decode", shape=f"decode_S{S}", **DECODE, tokens=S,
+                             ms=ms, n=reps, ms_call=statistics.median(ts) * 1e3, ms_call_min=min(ts) * 1e3,
+                             state_bytes=state_bytes, gbps=state_bytes / (ms * 1e-3) / 1e9,
+                             frac_hbm_peak=state_bytes / (ms * 1e-3) / HBM_PEAK))
     return rows
 
 
@@ -262,7 +282,7 @@ def main():
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--shapes", default="short,mid,long")
     ap.add_argument("--out", default=None)
-    ap.add_argument("--impls", default="", help="comma-separated substrings; run only matching implementations")
+    ap.add_argument("--impls", default="", help="comma-separated names (exact) or substrings; run only matching implementations")
     ap.add_argument("--unroll-ablation", action="store_true", help="also time the chunked path without unrolling")
     ap.add_argument("--no-memory", action="store_true", help="skip the compiled-memory rows")
     ap.add_argument("--decode-only", action="store_true", help="only the decode bandwidth rows")
@@ -280,15 +300,20 @@ def main():
                                           stderr=subprocess.DEVNULL).strip()
         except Exception:
             sha = "unknown"
-    keep = lambda n: not args.impls or any(s in n for s in args.impls.split(","))
-    impls = {n: f for n, f in jax_impls(args.unroll_ablation).items() if keep(n)}
+    tokens = [t for t in args.impls.split(",") if t]
+    all_impls = jax_impls(args.unroll_ablation)
+    known = set(all_impls) | {"fla.chunk_kda"}
+    # a token that names an implementation selects just it; any other token, every name containing it
+    keep = lambda n: not tokens or any(t == n if t in known else t in n for t in tokens)
+    impls = {n: f for n, f in all_impls.items() if keep(n)}
     torch, chunk_kda = fla_impl() if keep("fla.chunk_kda") else (None, None)
     rows, checks = [], []
     for r in ([] if args.no_decode else decode_rows(args.iters)):
         r["pass"] = r.pop("pass_")
         rows.append(r)
-        print(f"{r['impl']} S={r['tokens']}: {r['ms']:.3f} ms, {r['gbps']:.0f} GB/s of state traffic "
-              f"({100 * r['frac_hbm_peak']:.0f}% of {HBM_PEAK / 1e12:.2f} TB/s)", flush=True)
+        print(f"{r['impl']} S={r['tokens']}: {r['ms']:.3f} ms per call in a loop, {r['gbps']:.0f} GB/s of state "
+              f"traffic ({100 * r['frac_hbm_peak']:.0f}% of {HBM_PEAK / 1e12:.2f} TB/s); {r['ms_call']:.3f} ms a lone call",
+              flush=True)
     write(out, gpu, sha, rows, checks, [])
     for shape in ([] if args.decode_only else args.shapes.split(",")):
         B, T = SHAPES[shape]

@@ -41,6 +41,19 @@ def test_interpret_matches_float64_recurrence(B, S, K, V):
     assert_close("state", s, s_ref, 1e-5)
 
 
+@pytest.mark.parametrize("stages,max_programs", [(3, 3), (4, 2), (5, 1)])
+def test_interpret_ring_of_buffers(stages, max_programs):
+    """Each CTA walks several tiles through the ring (8 tiles over 1 to 3 CTAs, the last CTA's run
+    shorter), so loads ahead, buffer reuse after the stores and the tail are all exercised."""
+    from kda_jax.kernels.decode import decode_step
+
+    q, k, v, g, beta, state = _inputs(2, 2, 2, 2, 64, 128, seed=stages)
+    o_ref, s_ref = _oracle(q, k, v, g, beta, state)
+    o, s = decode_step(q, k, v, g, beta, state, scale=64**-0.5, interpret=True, stages=stages, max_programs=max_programs)
+    assert_close("o", o, o_ref, 1e-5)
+    assert_close("state", s, s_ref, 1e-5)
+
+
 def test_decode_dispatch_is_fail_closed():
     assert decode_supports(128, 128, 1, "gpu", 1) is None
     assert "GPU" in decode_supports(128, 128, 1, "cpu", 1)
