@@ -125,7 +125,11 @@ def band_lower(q, k, G, *, interpret=False):
         t = _Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(k=k_s, G=g_s), idx, C)
         for cb in range(nb):
             x = t.stage(cb)
-            for d in range(SUB):
+
+            # a loop over δ, not 16 unrolled copies: unrolled, the kernel stalled on instruction
+            # fetch (Nsight Compute, benchmarks/NOTES.md v4)
+            @pl.loop(0, SUB)
+            def _(d):
                 y = t.shifted("k", d, -1) * _decay(x["G"], t.shifted("G", d, -1))
                 for s, xs in enumerate((x["q"], x["k"])):
                     part = jnp.sum(xs * y, axis=1)  # the partial sums live in shared memory, not registers;
