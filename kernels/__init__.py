@@ -55,7 +55,8 @@ def _kda_mosaic(*args, **kwargs):
 registry.register("mosaic", _kda_mosaic, mosaic_supports, priority=10, auto=MOSAIC_AUTO, per_shard=True)
 
 # The decode kernel's GPU tests (tests/kernels/test_decode_kernel.py, ``-m gpu``) passed on an H100
-# at commit 69be20d and it beats the XLA path there (benchmarks/NOTES.md): ``auto`` takes it.
+# at commit 69be20d (v1) and again for v2 (6839fc4), and it beats the XLA path there
+# (benchmarks/NOTES.md): ``auto`` takes it.
 DECODE_AUTO = True
 # Below this many states (batch × value heads) ``auto`` runs the XLA step instead: at batch 1 of the
 # 653M model (16 states of 64 KB per layer) the two take the same device time (H100, commit c5c91df:
