@@ -25,8 +25,9 @@ test: install  ## default suite (CPU; excludes `gpu` and `slow`)
 test-all: install  ## include slow tests
 	$(PY) -m pytest -n 2 -q -m "not gpu" $(PYTEST_ARGS)
 
-test-gpu:  ## on a CUDA machine: the GPU-marked tests
-	KDA_TEST_GPU=1 python3 -m pytest -q -m gpu $(PYTEST_ARGS)
+test-gpu:  ## on a CUDA machine: the GPU-marked tests (one-GPU tests on GPU 0, then the multi-GPU ones)
+	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} KDA_TEST_GPU=1 python3 -m pytest -q -m "gpu and not multi_gpu" $(PYTEST_ARGS)
+	KDA_TEST_GPU=1 python3 -m pytest -q -m multi_gpu $(PYTEST_ARGS)
 
 bench:  ## on a CUDA machine: op benchmarks, JSON to benchmarks/results/
 	python3 benchmarks/kda_kernels.py

@@ -182,6 +182,7 @@ def test_gpu_causality():
 
 
 @pytest.mark.gpu
+@pytest.mark.multi_gpu
 @pytest.mark.skipif(jax.device_count() < 2, reason="needs two GPUs (device kind nvidia-h100-x2)")
 def test_gpu_sharded_matches_float64_recurrence(monkeypatch):
     """The kernels per shard under a two-GPU mesh (``kda_jax.ops.sharded``: batch rows over ``data``,
