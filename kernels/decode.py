@@ -12,11 +12,12 @@ update is in place (no second state buffer).
 
 Work unit: a tile ``[K, 64]`` of one value head's state (64 value columns). A grid of
 ``CTAS_PER_SM`` × (number of SMs) CTAs of one warpgroup (fewer are resident: each holds its ring)
-each walks a contiguous run of tiles through a ``stages``-deep ring of shared-memory buffers: the tile, its head's row vectors
-(e^{g}, β·k, k, q) and column vectors (β·v, q·k) arrive by TMA ``stages − 2`` tiles ahead of
-the one being computed, the updated tile and its outputs leave by TMA from the buffer they came
-in (the tile is in registers by then), and a buffer is refilled only after its store has been
-read out, two tiles later — loads, compute and stores of neighbouring tiles overlap.
+each walks a contiguous run of tiles through a ``stages``-deep ring of shared-memory buffers: the
+tile, its head's row vectors (e^{g}, β·k, k, q) and column vectors (β·v, q·k) arrive by TMA
+``stages − 2`` tiles ahead of the one being computed, the updated tile and its outputs leave by
+TMA from the buffer they came in (the tile is in registers by then), and a buffer is refilled only
+after its store has been read out, two tiles later — loads, compute and stores of neighbouring
+tiles overlap.
 
 Per token the two reductions over K share one pass: with S' = e^{g}⊙S,
 ``kᵀS'`` gives Vn and ``qᵀS_new = qᵀS' + (q·k) Vn`` gives o, so the tile is swept once per
