@@ -90,7 +90,8 @@ def _chunked_with_unroll(unroll):
 
 
 def _mosaic_fused_output(q, k, v, g, beta):
-    """The Mosaic path with the forward kernel that forms o itself (kernels/kda.py FUSED_OUTPUT)."""
+    """The Mosaic path with the forward kernel that forms o itself (kernels/kda.py FUSED_OUTPUT; it
+    serves undifferentiated calls only, so its fwd+bwd row is the plain path's)."""
     from kda_jax.kernels.kda import kda_mosaic
 
     return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, fused_output=True)[0]

@@ -20,8 +20,10 @@ from kda_jax.kernels import intra, state_pass
 from kda_jax.ops.chunked import ScanPasses, _diag_blocks, chunk_outputs, kda_chunked
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
-# ``output_pass`` (the forward state pass that also forms o) is checked in interpret mode only; the
-# GPU-verified route (``forward_pass``, o in XLA) stays the default until its GPU tests pass.
+# ``output_pass`` (the forward state pass that also forms o, h and Vn never reach HBM) for calls that
+# are not differentiated. Its GPU tests cover bf16 without documents or h0 (benchmarks/NOTES.md v2);
+# ``test_gpu_fused_output_*`` now adds float32, packed documents and h0 on the primal path; it stays
+# off until they pass.
 FUSED_OUTPUT = False
 # The exact diagonal sub-blocks of the gated products on the ``intra`` kernels instead of XLA. With it
 # on, the kernel GPU tests (tests/kernels/test_mosaic.py and test_intra_kernel.py, ``-m gpu``: 17)
@@ -93,9 +95,14 @@ class MosaicPasses:
                                        h0.astype(_F32), interpret=self.interpret)
 
     def forward_output(self, W, U, Kd, gend, h0, Qs, Aqk, out_dtype):
+        # differentiated: the backward reruns ``forward`` on the same operands anyway (with the fused
+        # kernel here forward+backward was 0.34 ms slower at the mid shape, benchmarks/NOTES.md v3)
+        h, Vn, S_T = self.forward(W, U, Kd, gend, h0)
+        return chunk_outputs(Qs, Aqk, h, Vn), S_T
+
+    def forward_output_primal(self, W, U, Kd, gend, h0, Qs, Aqk, out_dtype):
         if not self.fused_output:
-            h, Vn, S_T = self.forward(W, U, Kd, gend, h0)
-            return chunk_outputs(Qs, Aqk, h, Vn), S_T
+            return self.forward_output(W, U, Kd, gend, h0, Qs, Aqk, out_dtype)
         out = jnp.bfloat16 if jnp.dtype(out_dtype) == jnp.dtype(_BF16) else _F32
         return state_pass.output_pass(W.astype(_BF16), U.astype(_BF16), Kd.astype(_BF16), gend.astype(_F32),
                                       h0.astype(_F32), Qs.astype(_BF16), Aqk.astype(_BF16), out_dtype=out,
@@ -122,8 +129,8 @@ def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chun
     """Canonical inputs (``kda_jax.ops.inputs.canonicalize``) -> (o, final state float32).
 
     Needs chunk_size 64 and K, V multiples of 64 (see ``supports``); ``interpret`` runs the
-    kernels on CPU (tests); ``fused_output`` picks the forward kernel that also forms o
-    (default ``FUSED_OUTPUT``); ``intra_kernel`` computes the diagonal sub-blocks of the gated
+    kernels on CPU (tests); ``fused_output`` picks the forward kernel that also forms o for calls
+    that are not differentiated (default ``FUSED_OUTPUT``); ``intra_kernel`` computes the diagonal sub-blocks of the gated
     products with the ``intra`` kernels (default ``INTRA_KERNEL``).
     """
     return kda_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets,

@@ -278,6 +278,10 @@ class ScanPasses:
         h, Vn, S_T = self.forward(W, U, Kd, gend, h0)
         return chunk_outputs(Qs, Aqk, h, Vn), S_T
 
+    def forward_output_primal(self, W, U, Kd, gend, h0, Qs, Aqk, out_dtype):
+        """``forward_output`` for a call that is not differentiated (no backward will follow)."""
+        return self.forward_output(W, U, Kd, gend, h0, Qs, Aqk, out_dtype)
+
     def reverse(self, dO, Aqk, Qs, Kd, W, gend, dS_T):
         """Reverse sweep carrying dS (kda_spec §4.2 step 1): (dh0, dS leaving each chunk, dVn)."""
 
@@ -322,15 +326,21 @@ def _prepare(q, k, v, a, beta, zone):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
 def _core(q, k, v, a, beta, h0, zone, scale, passes):
-    return _core_fwd(q, k, v, a, beta, h0, zone, scale, passes)[0]
+    # not differentiated (inference, evaluation): the passes may form o in a form that keeps none
+    # of the chunk states the backward would recompute
+    return _forward(q, k, v, a, beta, h0, zone, scale, passes, passes.forward_output_primal)[0]
 
 
 def _core_fwd(q, k, v, a, beta, h0, zone, scale, passes):
+    return _forward(q, k, v, a, beta, h0, zone, scale, passes, passes.forward_output)
+
+
+def _forward(q, k, v, a, beta, h0, zone, scale, passes, forward_output):
     qf, kf, vf, bf, G, zones = _prepare(q, k, v, a, beta, zone)
     Aqk, T = _intra(q, k, qf, kf, bf, _Gating(G), zones, scale, passes)
     f = _wy(kf, vf, bf, G, T, zones)
-    o, S_T = passes.forward_output(f["W"], f["U"], f["Kd"], f["gend"], h0.astype(qf.dtype), scale * qf * f["Gamma"],
-                                   Aqk, v.dtype)
+    o, S_T = forward_output(f["W"], f["U"], f["Kd"], f["gend"], h0.astype(qf.dtype), scale * qf * f["Gamma"], Aqk,
+                            v.dtype)
     return (o.astype(v.dtype), S_T.astype(h0.dtype)), (q, k, v, a, beta, h0, zone, Aqk, T)
 
 

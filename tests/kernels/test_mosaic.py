@@ -82,13 +82,33 @@ def test_state_pass_rejects_wrong_operands():
 ], ids=["pad-f32", "gva-bf16-strong", "fused-output"])
 def test_interpret_matches_float64_recurrence(shape, dtype, gate, fused):
     x = make_inputs(*shape, dtype=dtype, gate=gate, seed=sum(shape))
-    check_against_oracle(_mosaic(fused_output=fused), x, label=f"mosaic {shape}")
+    check_against_oracle(_mosaic(fused_output=fused), x, label=f"mosaic {shape}", primal=fused)
 
 
 def test_interpret_packed_documents():
     x = make_inputs(2, 150, 1, 1, 64, 64, dtype=jnp.bfloat16, gate="strong", seed=4)
     resets = resets_from_segment_ids(jnp.asarray(np.stack([_segments(150, [10, 70, 71]), _segments(150, [64, 140])])))
-    check_against_oracle(_mosaic(resets, fused_output=True), x, resets=resets, label="mosaic segments")
+    check_against_oracle(_mosaic(resets, fused_output=True), x, resets=resets, label="mosaic segments", primal=True)
+
+
+def test_fused_output_only_where_not_differentiated(monkeypatch):
+    """``fused_output`` forms o in the forward kernel for undifferentiated calls only; under a VJP the
+    forward keeps ``forward_pass``, whose h and Vn the backward recomputes anyway."""
+    calls = []
+    for name in ("forward_pass", "output_pass"):
+        real = getattr(state_pass, name)
+        monkeypatch.setattr(state_pass, name, lambda *a, _f=real, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
+    x = make_inputs(1, 64, 1, 1, 64, 64, dtype=jnp.bfloat16, seed=3)
+    args = [x[n] for n in GRAD_NAMES]
+    fn = _mosaic(fused_output=True)
+    jax.jit(fn).lower(*args)
+    assert calls == ["output_pass"]
+    calls.clear()
+    jax.jit(jax.grad(lambda *a: jnp.sum(fn(*a)[0].astype(jnp.float32)), argnums=range(6))).lower(*args)
+    assert calls == ["forward_pass", "forward_pass"]  # the forward, then the backward's recomputation
+    calls.clear()
+    jax.jit(_mosaic(fused_output=False)).lower(*args)
+    assert calls == ["forward_pass"]
 
 
 def test_dispatch_is_fail_closed(monkeypatch):
@@ -139,7 +159,21 @@ def test_gpu_matches_float64_recurrence(shape, dtype):
 def test_gpu_fused_output_matches_float64_recurrence(shape):
     """The forward kernel that forms o itself (``FUSED_OUTPUT``), before it becomes the default."""
     x = make_inputs(*shape, dtype=jnp.bfloat16, gate="strong", seed=sum(shape) + 1)
-    check_against_oracle(_mosaic(interpret=False, fused_output=True), x, label=f"mosaic fused gpu {shape}")
+    check_against_oracle(_mosaic(interpret=False, fused_output=True), x, label=f"mosaic fused gpu {shape}",
+                         primal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_gpu_fused_output_packed_documents_h0(dtype):
+    """The fused-output forward on what its first GPU tests left out: float32, packed documents
+    with boundaries inside chunks, h0, GVA, −1000 gates (the undifferentiated call and the VJP)."""
+    T = 1000
+    x = make_inputs(2, T, 2, 4, 128, 128, dtype=dtype, gate="strong", seed=61)
+    resets = resets_from_segment_ids(jnp.asarray(np.stack([_segments(T, [1, 37, 64, 500, 999]),
+                                                           _segments(T, [128, 640])])))
+    check_against_oracle(_mosaic(resets, interpret=False, fused_output=True), x, resets=resets,
+                         label=f"mosaic fused gpu packed {jnp.dtype(dtype).name}", primal=True)
 
 
 @pytest.mark.gpu

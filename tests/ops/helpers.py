@@ -75,9 +75,15 @@ def oracle(x, scale=None, resets=None):
     return value_and_grads(fn, x64, do, dS), (do, dS)
 
 
-def check_against_oracle(fn, x, resets=None, scale=None, label=""):
-    """Run ``fn`` (q, k, v, g, beta, h0) -> (o, S_T) and compare everything with the f64 oracle."""
+def check_against_oracle(fn, x, resets=None, scale=None, label="", primal=False):
+    """Run ``fn`` (q, k, v, g, beta, h0) -> (o, S_T) and compare everything with the f64 oracle.
+    ``primal``: also the outputs of an undifferentiated call (a custom VJP's other forward)."""
     (o_ref, S_ref, g_ref), (do, dS) = oracle(x, scale=scale, resets=resets)
+    if primal:
+        o_p, S_p = jax.jit(fn)(*(x[n] for n in GRAD_NAMES))
+        assert o_p.dtype == x["v"].dtype, f"{label} primal o dtype {o_p.dtype} != v dtype {x['v'].dtype}"
+        assert_close(f"{label} primal o", o_p, o_ref, TOL["o"])
+        assert_close(f"{label} primal state", S_p, S_ref, TOL["state"])
     o, S, grads = value_and_grads(fn, x, do, dS)
     assert o.dtype == x["v"].dtype, f"{label} o dtype {o.dtype} != v dtype {x['v'].dtype}"
     assert_close(f"{label} o", o, o_ref, TOL["o"])
