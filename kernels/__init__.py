@@ -67,12 +67,23 @@ DECODE_AUTO = True
 DECODE_MIN_STATES = 64
 
 
-def decode_supports(K: int, V: int, tokens: int, backend: str, num_devices: int) -> str | None:
-    """None when the decode kernel can run the call, else the reason it cannot."""
+# ``kda_decode`` under a multi-device context mesh runs the kernel per shard (``kda_jax.ops.sharded``,
+# batch rows and heads split as for ``kda``); checked on 8 CPU devices with a stand-in
+# (tests/ops/test_sharded.py). Until ``test_gpu_decode_sharded_*`` passes on two GPUs, ``auto`` runs
+# the XLA step under such meshes.
+DECODE_SHARDED = False
+
+
+def decode_supports(K: int, V: int, tokens: int, backend: str, num_devices: int, sharded: bool = False) -> str | None:
+    """None when the decode kernel can run the call, else the reason it cannot; ``sharded``: the
+    call is one shard of a context mesh (``num_devices`` is then 1)."""
     if backend != "gpu":
         return f"needs a GPU backend, got {backend}"
+    if sharded and not DECODE_SHARDED:
+        return "one shard of a multi-device mesh, and the per-shard decode path is switched off (DECODE_SHARDED)"
     if num_devices != 1:
-        return f"single-device programs only (no partitioning rule yet), got {num_devices} devices"
+        return (f"{num_devices} devices and no context mesh: the kernel runs on one device, or per shard "
+                "under jax.set_mesh")
     if K not in (64, 128) or V not in (64, 128):
         return f"needs K, V in (64, 128), got K={K} V={V}"
     if not 1 <= tokens <= 8:

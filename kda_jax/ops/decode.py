@@ -7,7 +7,9 @@ the few new tokens. Callers that own the state should jit with the state donated
 place. ``impl="mosaic"`` runs the Mosaic GPU decode kernel (``kda_jax.kernels.decode``), which
 reads and writes each state tile once for all the new tokens; ``impl="auto"`` takes it where
 ``kda_jax.kernels.decode_supports`` accepts the call, the kernel is enabled and the call has at
-least ``kernels.DECODE_MIN_STATES`` states (batch × value heads).
+least ``kernels.DECODE_MIN_STATES`` states (batch × value heads) per device. Under a multi-device
+context mesh (``jax.set_mesh``) the kernel runs per shard (``kda_jax.ops.sharded``: batch rows and
+heads split) once ``kernels.DECODE_SHARDED`` is on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kda_jax.ops import sharded
 from kda_jax.ops.inputs import canonicalize, expand_heads
 from kda_jax.ops.reference import recurrent_step
 
@@ -49,15 +52,25 @@ def kda_decode(q, k, v, g, beta, state, *, scale=None, use_qk_l2norm=False, A_lo
     c = canonicalize(q, k, v, g, beta, scale=scale, initial_state=state, use_qk_l2norm=use_qk_l2norm,
                      A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit, scalar_gate=scalar_gate)
     B, S, HV, V = c.v.shape
-    why = kernels.decode_supports(c.q.shape[-1], V, S, jax.default_backend(), jax.device_count())
+    sp = sharded.plan(B, c.q.shape[2], HV)
+    why = kernels.decode_supports(c.q.shape[-1], V, S, jax.default_backend(), 1 if sp else jax.device_count(),
+                                  sharded=sp is not None)
     if impl == "mosaic" and why is not None:
         raise ValueError(f"impl='mosaic' does not support this decode call: {why}")
-    auto_kernel = kernels.DECODE_AUTO and why is None and B * HV >= kernels.DECODE_MIN_STATES
+    states = (B // sp.batch_shards) * (HV // sp.head_shards) if sp else B * HV  # per device
+    auto_kernel = kernels.DECODE_AUTO and why is None and states >= kernels.DECODE_MIN_STATES
     if impl == "mosaic" or (impl == "auto" and auto_kernel):
-        from kda_jax.kernels.decode import decode_step
-
-        f32 = lambda x: x.astype(jnp.float32)
-        o, new = decode_step(f32(expand_heads(c.q, HV)), f32(expand_heads(c.k, HV)), f32(c.v), f32(c.g),
-                             f32(c.beta), f32(c.initial_state), scale=float(c.scale))
+        args = (c.q, c.k, c.v, c.g, c.beta)
+        o, new = sharded.run(_kernel_step, sp, *args, initial_state=c.initial_state, scale=float(c.scale)) if sp \
+            else _kernel_step(*args, initial_state=c.initial_state, scale=float(c.scale))
         return o.astype(c.v.dtype), new
     return decode_canonical(c.q, c.k, c.v, c.g, c.beta, scale=c.scale, state=c.initial_state)
+
+
+def _kernel_step(q, k, v, g, beta, *, initial_state, scale, resets=None):
+    """The decode kernel on canonical inputs (one device, or one shard: ``sharded.run`` calls it)."""
+    from kda_jax.kernels.decode import decode_step
+
+    HV, f32 = v.shape[2], lambda x: x.astype(jnp.float32)
+    return decode_step(f32(expand_heads(q, HV)), f32(expand_heads(k, HV)), f32(v), f32(g), f32(beta),
+                       f32(initial_state), scale=scale)

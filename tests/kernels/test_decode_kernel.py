@@ -2,24 +2,11 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from kda_jax.kernels import decode_supports
 from kda_jax.ops import kda_decode, kda_reference
-from tests.ops.helpers import assert_close
-
-
-def _inputs(B, S, H, HV, K, V, seed=0):
-    rng = np.random.default_rng(seed)
-    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
-    q, k = (jnp.asarray(unit(rng.standard_normal((B, S, H, K))), jnp.float32) for _ in range(2))
-    v = jnp.asarray(rng.standard_normal((B, S, HV, V)), jnp.float32)
-    g = -np.logaddexp(0.0, rng.standard_normal((B, S, HV, K)))
-    g[rng.random(g.shape) < 0.05] = -1000.0  # Kimi Linear's unbounded gate
-    beta = jnp.asarray(rng.random((B, S, HV)), jnp.float32)
-    state = jnp.asarray(rng.standard_normal((B, HV, K, V)), jnp.float32)
-    return q, k, v, jnp.asarray(g, jnp.float32), beta, state
+from tests.ops.helpers import assert_close, decode_inputs
 
 
 def _oracle(q, k, v, g, beta, state):
@@ -34,7 +21,7 @@ def _oracle(q, k, v, g, beta, state):
 def test_interpret_matches_float64_recurrence(B, S, K, V):
     from kda_jax.kernels.decode import decode_step
 
-    q, k, v, g, beta, state = _inputs(B, S, 2, 2, K, V, seed=S)
+    q, k, v, g, beta, state = decode_inputs(B, S, 2, 2, K, V, seed=S)
     o_ref, s_ref = _oracle(q, k, v, g, beta, state)
     o, s = decode_step(q, k, v, g, beta, state, scale=K**-0.5, interpret=True)
     assert_close("o", o, o_ref, 1e-5)
@@ -47,7 +34,7 @@ def test_interpret_ring_of_buffers(stages, max_programs):
     shorter), so loads ahead, buffer reuse after the stores and the tail are all exercised."""
     from kda_jax.kernels.decode import decode_step
 
-    q, k, v, g, beta, state = _inputs(2, 2, 2, 2, 64, 128, seed=stages)
+    q, k, v, g, beta, state = decode_inputs(2, 2, 2, 2, 64, 128, seed=stages)
     o_ref, s_ref = _oracle(q, k, v, g, beta, state)
     o, s = decode_step(q, k, v, g, beta, state, scale=64**-0.5, interpret=True, stages=stages, max_programs=max_programs)
     assert_close("o", o, o_ref, 1e-5)
@@ -57,11 +44,12 @@ def test_interpret_ring_of_buffers(stages, max_programs):
 def test_decode_dispatch_is_fail_closed():
     assert decode_supports(128, 128, 1, "gpu", 1) is None
     assert "GPU" in decode_supports(128, 128, 1, "cpu", 1)
-    assert "single-device" in decode_supports(128, 128, 1, "gpu", 2)
+    assert "no context mesh" in decode_supports(128, 128, 1, "gpu", 2)
+    assert "DECODE_SHARDED" in decode_supports(128, 128, 1, "gpu", 1, sharded=True)
     assert "K, V" in decode_supports(96, 128, 1, "gpu", 1)
     assert "tokens" in decode_supports(128, 128, 16, "gpu", 1)
     if jax.default_backend() != "gpu":
-        q, k, v, g, beta, state = _inputs(1, 1, 1, 1, 64, 64)
+        q, k, v, g, beta, state = decode_inputs(1, 1, 1, 1, 64, 64)
         with pytest.raises(ValueError, match="impl='mosaic' does not support this decode call: needs a GPU"):
             kda_decode(q, k, v, g, beta, state, impl="mosaic")
 
@@ -70,7 +58,7 @@ def test_decode_dispatch_is_fail_closed():
 @pytest.mark.parametrize("S", [1, 3, 8])
 @pytest.mark.parametrize("K,V", [(128, 128), (64, 64), (64, 128)])
 def test_gpu_matches_float64_recurrence_gva(S, K, V):
-    q, k, v, g, beta, state = _inputs(3, S, 2, 4, K, V, seed=10 * S + K)
+    q, k, v, g, beta, state = decode_inputs(3, S, 2, 4, K, V, seed=10 * S + K)
     o_ref, s_ref = _oracle(q, k, v, g, beta, state)
     o, s = kda_decode(q, k, v, g, beta, state, impl="mosaic")
     assert_close("o", o, o_ref, 1e-5)
@@ -79,7 +67,7 @@ def test_gpu_matches_float64_recurrence_gva(S, K, V):
 
 @pytest.mark.gpu
 def test_gpu_state_updated_in_place_when_donated():
-    q, k, v, g, beta, state = _inputs(2, 1, 4, 4, 128, 128, seed=3)
+    q, k, v, g, beta, state = decode_inputs(2, 1, 4, 4, 128, 128, seed=3)
     expect = kda_decode(q, k, v, g, beta, state, impl="xla")[1]
     step = jax.jit(lambda st: kda_decode(q, k, v, g, beta, st, impl="mosaic"), donate_argnums=0)
     before = jnp.array(state)
@@ -97,14 +85,39 @@ def test_auto_takes_the_kernel_only_from_decode_min_states(monkeypatch):
     import kda_jax.kernels.decode as decode_mod
 
     calls = []
-    monkeypatch.setattr(kernels, "decode_supports", lambda *a: None)
+    monkeypatch.setattr(kernels, "decode_supports", lambda *a, **kw: None)
     monkeypatch.setattr(decode_mod, "decode_step", lambda q, *a, **kw: calls.append(q.shape) or (q * 0, a[-1]))
-    small = _inputs(1, 1, 2, 2, 64, 64)
+    small = decode_inputs(1, 1, 2, 2, 64, 64)
     o, s = kda_decode(*small, impl="auto")
     o_ref, s_ref = _oracle(*small)
     assert calls == []
     assert_close("o", o, o_ref, 1e-5)
     assert_close("state", s, s_ref, 1e-5)
     B = -(-kernels.DECODE_MIN_STATES // 2)
-    kda_decode(*_inputs(B, 1, 2, 2, 64, 64), impl="auto")
+    kda_decode(*decode_inputs(B, 1, 2, 2, 64, 64), impl="auto")
     assert len(calls) == 1 and calls[0][0] == B
+
+
+@pytest.mark.gpu
+@pytest.mark.multi_gpu
+@pytest.mark.skipif(jax.device_count() < 2, reason="needs two GPUs (device kind nvidia-h100-x2)")
+def test_gpu_decode_sharded_matches_float64_recurrence(monkeypatch):
+    """The kernel per shard under two-GPU meshes (batch rows over ``data``, then heads over
+    ``tensor``), GVA, −1000 gates, 3 tokens: the condition for turning ``DECODE_SHARDED`` on."""
+    from jax.sharding import AxisType
+
+    import kda_jax.kernels as kernels
+    from kda_jax.models.sharding import MESH_AXES
+
+    monkeypatch.setattr(kernels, "DECODE_SHARDED", True)
+    x = decode_inputs(4, 3, 2, 4, 128, 128, seed=71)
+    o_ref, s_ref = _oracle(*x)
+    for shape in ((2, 1, 1, 1), (1, 1, 2, 1)):
+        mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 4, devices=jax.devices()[:2])
+        with jax.set_mesh(mesh):
+            step = jax.jit(lambda *a: kda_decode(*a, impl="mosaic"))
+            text = step.lower(*x).as_text()
+            assert "mosaic_gpu" in text and "manual_computation" in text, "the kernel did not run per shard"
+            o, s = step(*x)
+        assert_close(f"o {shape}", o, o_ref, 1e-5)
+        assert_close(f"state {shape}", s, s_ref, 1e-5)

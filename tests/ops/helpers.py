@@ -91,3 +91,16 @@ def check_against_oracle(fn, x, resets=None, scale=None, label="", primal=False)
     for n in GRAD_NAMES:
         assert grads[n].dtype == x[n].dtype, f"{label} d{n} dtype {grads[n].dtype} != {x[n].dtype}"
         assert_close(f"{label} d{n}", grads[n], g_ref[n], TOL[n])
+
+
+def decode_inputs(B, S, H, HV, K, V, seed=0):
+    """float32 decode inputs (q, k unit rows, 5% of gates −1000) and a random float32 state."""
+    rng = np.random.default_rng(seed)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
+    q, k = (jnp.asarray(unit(rng.standard_normal((B, S, H, K))), jnp.float32) for _ in range(2))
+    v = jnp.asarray(rng.standard_normal((B, S, HV, V)), jnp.float32)
+    g = -np.logaddexp(0.0, rng.standard_normal((B, S, HV, K)))
+    g[rng.random(g.shape) < 0.05] = -1000.0  # Kimi Linear's unbounded gate
+    beta = jnp.asarray(rng.random((B, S, HV)), jnp.float32)
+    state = jnp.asarray(rng.standard_normal((B, HV, K, V)), jnp.float32)
+    return q, k, v, jnp.asarray(g, jnp.float32), beta, state

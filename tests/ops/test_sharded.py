@@ -13,7 +13,7 @@ from jax.sharding import AxisType
 
 from kda_jax.models.sharding import LOGICAL_RULES, MESH_AXES
 from kda_jax.ops import kda, kda_chunked, registry, sharded
-from tests.ops.helpers import GRAD_NAMES, cotangents, make_inputs, value_and_grads
+from tests.ops.helpers import GRAD_NAMES, cotangents, decode_inputs, make_inputs, value_and_grads
 
 SEEN = []
 
@@ -94,3 +94,61 @@ def test_per_shard_impl_is_judged_on_the_shard(per_shard_impl):
     shard = dataclasses.replace(call, B=1, H=1, HV=1, num_devices=1, sharded=True)
     assert registry.select("auto", call, shard).name == "mosaic"
     assert registry.select("auto", call).name == "chunked"
+
+
+# ---------------------------------------------------------------------------------------------
+# kda_decode per shard
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 1, 2), (2, 2, 1), (1, 1, 2)], ids=["data-tensor", "data-fsdp", "tensor"])
+def test_decode_kernel_runs_per_shard(monkeypatch, mesh_shape):
+    """With the kernel allowed per shard, ``kda_decode`` under a mesh hands each device one shard's
+    rows and heads (GVA kept with their q/k head) and the result equals the unsharded XLA step.
+    The XLA step on the kernel's operands stands in for the kernel (interpret mode keeps one
+    simulated GPU per process and cannot run on several devices at once)."""
+    import kda_jax.kernels as kernels
+    import kda_jax.kernels.decode as decode_mod
+    from kda_jax.ops import kda_decode
+    from kda_jax.ops.decode import decode_canonical
+
+    def stand_in(q, k, v, g, beta, state, *, scale):
+        seen.append((q.shape, state.shape))
+        return decode_canonical(q, k, v, g, beta, scale=scale, state=state)
+
+    seen = []
+    monkeypatch.setattr(kernels, "DECODE_SHARDED", True)
+    monkeypatch.setattr(kernels, "decode_supports", lambda *a, sharded=False: None if sharded else "unsharded")
+    monkeypatch.setattr(decode_mod, "decode_step", stand_in)
+    x = decode_inputs(4, 2, 2, 4, 64, 64, seed=sum(mesh_shape))
+    want = kda_decode(*x, impl="xla")
+    with jax.set_mesh(_mesh(*mesh_shape)):
+        got = jax.jit(lambda *a: kda_decode(*a, impl="mosaic"))(*x)
+    nb, nh = mesh_shape[0] * mesh_shape[1], mesh_shape[2]
+    assert seen == [((4 // nb, 2, 4 // nh, 64), (4 // nb, 4 // nh, 64, 64))]
+    for name, a, b in zip(("o", "state"), got, want):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
+def test_decode_auto_counts_states_per_device(monkeypatch):
+    """``auto`` takes the kernel per shard only from DECODE_MIN_STATES states per device, and never
+    while DECODE_SHARDED is off."""
+    import kda_jax.kernels as kernels
+    import kda_jax.kernels.decode as decode_mod
+    from kda_jax.ops import kda_decode
+
+    calls = []
+    monkeypatch.setattr(kernels, "decode_supports",
+                        lambda *a, sharded=False: None if kernels.DECODE_SHARDED or not sharded else "off")
+    monkeypatch.setattr(decode_mod, "decode_step", lambda q, *a, **kw: calls.append(q.shape) or (q * 0, a[-1]))
+    monkeypatch.setattr(kernels, "DECODE_MIN_STATES", 8)
+    x = decode_inputs(4, 1, 2, 4, 64, 64)  # 16 states: 4 per device on a 2 × 2 mesh
+    with jax.set_mesh(_mesh(2, 1, 2)):
+        monkeypatch.setattr(kernels, "DECODE_SHARDED", True)
+        kda_decode(*x, impl="auto")
+        assert calls == []  # 4 states per device < 8: the XLA step
+        monkeypatch.setattr(kernels, "DECODE_MIN_STATES", 4)
+        kda_decode(*x, impl="auto")
+        assert calls == [(2, 1, 2, 64)]
+        monkeypatch.setattr(kernels, "DECODE_SHARDED", False)
+        kda_decode(*x, impl="auto")
+        assert len(calls) == 1
