@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kda_jax.kernels import intra, state_pass
-from kda_jax.ops.chunked import ScanPasses, _diag_blocks, chunk_outputs, kda_chunked
+from kda_jax.ops.chunked import ScanPasses, _diag_blocks, kda_chunked
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 # ``output_pass`` (the forward state pass that also forms o, h and Vn never reach HBM) for calls that
@@ -97,8 +97,7 @@ class MosaicPasses:
     def forward_output(self, W, U, Kd, gend, h0, Qs, Aqk, out_dtype):
         # differentiated: the backward reruns ``forward`` on the same operands anyway (with the fused
         # kernel here forward+backward was 0.34 ms slower at the mid shape, benchmarks/NOTES.md v3)
-        h, Vn, S_T = self.forward(W, U, Kd, gend, h0)
-        return chunk_outputs(Qs, Aqk, h, Vn), S_T
+        return ScanPasses.forward_output(self, W, U, Kd, gend, h0, Qs, Aqk, out_dtype)
 
     def forward_output_primal(self, W, U, Kd, gend, h0, Qs, Aqk, out_dtype):
         if not self.fused_output:
