@@ -6,8 +6,9 @@ q and k L2-normalised; short 8×2048, mid 2×8192, long 1×32768. Forward alone 
 
 Every row also carries ``floor_ms`` and ``x_floor``: the time to move the bytes a fully fused
 implementation must move (benchmarks.md: forward reads q, k, v, g, β and writes o, 1538 B per
-token-head; forward+backward also reads dO and writes dq, dk, dv, dg, dβ, 3076 B) at 3.0 TB/s,
-and the measured time as a multiple of it.
+token-head; forward+backward also reads dO and writes dq, dk, dv, dg, dβ, 3076 B) at the card's
+measured copy bandwidth (``CARDS``: 3.0 TB/s on an H100, 4.3 on an H200), and the measured time as
+a multiple of it.
 
 Also records, for the pure-JAX ``chunked`` path, the compiled peak-memory analysis of
 forward+backward at B = 1, H = 16, K = V = 128 and T = 8K … 64K (linear in T).
@@ -41,7 +42,21 @@ from kda_jax.ops import kda  # noqa: E402
 
 SHAPES = {"short": (8, 2048), "mid": (2, 8192), "long": (1, 32768)}
 H, K, V = 16, 128, 128
-COPY_BW = 3.0e12  # bytes/s, H100 copy bandwidth measured (benchmarks.md)
+# Per card (substring of jax's device_kind): nominal HBM peak and measured device-to-device copy
+# bandwidth, bytes/s. H100 SXM: 3.35 TB/s nominal, ~3.0 copied (benchmarks.md); H200: 4.8 TB/s
+# nominal, ~4.3 copied (the device tool's KINDS.md). The byte floor and the decode fractions use the
+# card the run is on, so an H200 row is not flattered by the H100's lower bandwidth.
+CARDS = {"H100": (3.35e12, 3.0e12), "H200": (4.8e12, 4.3e12)}
+
+
+def card_bandwidth(gpu: str) -> tuple[float, float]:
+    """(HBM peak, copy bandwidth) in bytes/s for a device_kind; an unknown card raises, naming it."""
+    for key, bw in CARDS.items():
+        if key in gpu:
+            return bw
+    raise SystemExit(f"kda_kernels: no bandwidth figures for GPU {gpu!r}; add it to CARDS (nominal peak, measured copy)")
+
+
 FLOOR_BYTES = {"fwd": 3 * 2 * K + 4 * K + 2 + 2 * V, "fwdbwd": 2 * (3 * 2 * K + 4 * K + 2 + 2 * V)}
 
 
@@ -190,10 +205,9 @@ def bench_fla(torch, chunk_kda, x, iters):
 # decode: one (or a few) tokens per call against a donated float32 state
 
 DECODE = dict(B=64, H=32, K=128, V=128)
-HBM_PEAK = 3.35e12  # bytes/s, H100 SXM HBM3 nominal
 
 
-def decode_rows(iters):
+def decode_rows(iters, hbm_peak):
     """Achieved state bandwidth of ``kda_decode``: the state is read and written once per call
     (2 · B·H·K·V·4 bytes). Two timings: ``ms``, the device's rate in a decode loop (``iters``
     chained calls, the state donated from one to the next, one wait at the end: how a serving loop
@@ -246,7 +260,7 @@ def decode_rows(iters):
             rows.append(dict(impl=f"kda_jax.decode[{name}]", pass_="decode", shape=f"decode_S{S}", **DECODE, tokens=S,
                              ms=ms, n=reps, ms_call=statistics.median(ts) * 1e3, ms_call_min=min(ts) * 1e3,
                              state_bytes=state_bytes, gbps=state_bytes / (ms * 1e-3) / 1e9,
-                             frac_hbm_peak=state_bytes / (ms * 1e-3) / HBM_PEAK))
+                             frac_hbm_peak=state_bytes / (ms * 1e-3) / hbm_peak))
     return rows
 
 
@@ -272,8 +286,9 @@ def write(out, gpu, sha, rows, checks, mem):
             versions[key] = __import__(mod).__version__
         except Exception:
             pass
+    hbm_peak, copy_bw = card_bandwidth(gpu)
     result = dict(benchmark="kda_kernels", gpu=gpu, date=datetime.date.today().isoformat(), versions=versions,
-                  rows=rows, output_agreement=checks, chunked_fwdbwd_memory=mem)
+                  hbm_peak_tbps=hbm_peak / 1e12, floor_copy_tbps=copy_bw / 1e12, rows=rows, output_agreement=checks, chunked_fwdbwd_memory=mem)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=1)
 
@@ -291,6 +306,7 @@ def main():
     args = ap.parse_args()
 
     gpu = jax.devices()[0].device_kind
+    hbm_peak, copy_bw = card_bandwidth(gpu)
     out = args.out or os.path.join(os.path.dirname(__file__), "results",
                                    f"kda_kernels_{gpu.replace(' ', '_').replace('/', '_')}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -309,11 +325,11 @@ def main():
     impls = {n: f for n, f in all_impls.items() if keep(n)}
     torch, chunk_kda = fla_impl() if keep("fla.chunk_kda") else (None, None)
     rows, checks = [], []
-    for r in ([] if args.no_decode else decode_rows(args.iters)):
+    for r in ([] if args.no_decode else decode_rows(args.iters, hbm_peak)):
         r["pass"] = r.pop("pass_")
         rows.append(r)
         print(f"{r['impl']} S={r['tokens']}: {r['ms']:.3f} ms per call in a loop, {r['gbps']:.0f} GB/s of state "
-              f"traffic ({100 * r['frac_hbm_peak']:.0f}% of {HBM_PEAK / 1e12:.2f} TB/s); {r['ms_call']:.3f} ms a lone call",
+              f"traffic ({100 * r['frac_hbm_peak']:.0f}% of {hbm_peak / 1e12:.2f} TB/s); {r['ms_call']:.3f} ms a lone call",
               flush=True)
     write(out, gpu, sha, rows, checks, [])
     for shape in ([] if args.decode_only else args.shapes.split(",")):
@@ -341,7 +357,7 @@ def main():
             if r.get("pass", r.get("pass_")) == "decode":
                 continue
             r["pass"] = r.pop("pass_", r.get("pass"))
-            r["floor_ms"] = r["B"] * r["T"] * H * FLOOR_BYTES[r["pass"]] / COPY_BW * 1e3
+            r["floor_ms"] = r["B"] * r["T"] * H * FLOOR_BYTES[r["pass"]] / copy_bw * 1e3
             r["x_floor"] = r["ms"] / r["floor_ms"]
         write(out, gpu, sha, rows, checks, [])  # after every shape, so a cut-off run keeps its results
         print(json.dumps([r for r in rows if r["shape"] == shape]), flush=True)
