@@ -12,7 +12,7 @@ document boundary inside the chunk cuts the carry):
 ``forward_pass`` (h, Vn and the final state, for the backward), ``output_pass`` (the same pass
 forming each chunk's output o = Qs·h + Aqk·Vn on the tensor cores, for the forward: h and Vn
 never reach HBM) and ``reverse_pass`` run them with one CTA (one warpgroup) per
-``(value tile of BLOCK_V columns, value head, batch row)``: the state tile ``[K, BLOCK_V]`` stays
+``(value tile of bv columns, value head, batch row)`` (``block_v``): the state tile ``[K, bv]`` stays
 in float32 registers for the whole sequence, each chunk's operands arrive by TMA into
 double-buffered shared memory while the previous chunk computes, and the two products per
 chunk run on the tensor cores (wgmma, bf16 operands, float32 accumulation — the precision map
@@ -35,6 +35,28 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 BLOCK_V = 64
+# Value-tile widths the passes accept. Narrower tiles give more CTAs (V / bv × heads × batch) when
+# few (batch, head) pairs walk long sequences — the serial chain per CTA is the same length, so a
+# grid far below the SM count leaves most of the GPU idle (benchmarks/NOTES.md, state v5).
+BLOCK_V_CHOICES = (64, 32, 16)
+TARGET_PROGRAMS = 128  # about one CTA per SM of an H100 / H200 (132 SMs)
+
+
+def block_v(V: int, H: int, B: int) -> int:
+    """The widest value tile that still gives ``TARGET_PROGRAMS`` CTAs (the narrowest allowed one if
+    none does), among the widths that divide V."""
+    fits = [bv for bv in BLOCK_V_CHOICES if V % bv == 0]
+    if not fits:
+        raise ValueError(f"state pass needs V a multiple of {BLOCK_V_CHOICES[-1]}; got V={V}")
+    return next((bv for bv in fits if (V // bv) * H * B >= TARGET_PROGRAMS), fits[-1])
+
+
+def _value_tile(bv, V, H, B, C, K):
+    bv = block_v(V, H, B) if bv is None else bv
+    if bv not in BLOCK_V_CHOICES or V % bv or C % 64 or K % 64:
+        raise ValueError(f"state pass needs C, K multiples of 64 and a value tile in {BLOCK_V_CHOICES} dividing V; "
+                         f"got C={C} K={K} V={V} tile={bv}")
+    return bv
 _WG = plgpu.Layout.WGMMA
 _ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA-layout tile
 _BF16, _F32 = jnp.bfloat16, jnp.float32
@@ -70,22 +92,23 @@ def _check(name, x, shape, dtype):
         raise ValueError(f"state pass: {name} must be {jnp.dtype(dtype).name}{list(shape)}, got {x.dtype}{list(x.shape)}")
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def forward_pass(W, U, Kd, gend, h0, *, interpret=False):
+@functools.partial(jax.jit, static_argnames=("interpret", "bv"))
+def forward_pass(W, U, Kd, gend, h0, *, interpret=False, bv=None):
     """``(h [N,B,H,K,V] bf16, Vn [N,B,H,C,V] bf16, S_T [B,H,K,V] f32)`` from bf16 ``W, Kd
-    [N,B,H,C,K]``, ``U [N,B,H,C,V]``, f32 ``gend [N,B,H,K]`` and ``h0 [B,H,K,V]``."""
-    return _forward(W, U, Kd, gend, h0, None, None, out_dtype=None, interpret=interpret)
+    [N,B,H,C,K]``, ``U [N,B,H,C,V]``, f32 ``gend [N,B,H,K]`` and ``h0 [B,H,K,V]``; ``bv`` the
+    value-tile width (default ``block_v``)."""
+    return _forward(W, U, Kd, gend, h0, None, None, out_dtype=None, interpret=interpret, bv=bv)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret"))
-def output_pass(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype=jnp.float32, interpret=False):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "bv"))
+def output_pass(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype=jnp.float32, interpret=False, bv=None):
     """``(o [N,B,H,C,V] out_dtype, S_T [B,H,K,V] f32)``: the forward pass that also forms each
     chunk's output ``o = Qs·h + Aqk·Vn`` on the tensor cores, so h and Vn never reach HBM.
     ``Qs [N,B,H,C,K]`` (= s·Q⊙Γ) and ``Aqk [N,B,H,C,C]`` bf16; the rest as ``forward_pass``."""
-    return _forward(W, U, Kd, gend, h0, Qs, Aqk, out_dtype=jnp.dtype(out_dtype), interpret=interpret)
+    return _forward(W, U, Kd, gend, h0, Qs, Aqk, out_dtype=jnp.dtype(out_dtype), interpret=interpret, bv=bv)
 
 
-def _forward(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype, interpret):
+def _forward(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype, interpret, bv):
     N, B, H, C, K = W.shape
     V = U.shape[-1]
     emit_o = Qs is not None
@@ -95,9 +118,7 @@ def _forward(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype, interpret):
         checks += [("Qs", Qs, (N, B, H, C, K), _BF16), ("Aqk", Aqk, (N, B, H, C, C), _BF16)]
     for name, x, shape, dt in checks:
         _check(name, x, shape, dt)
-    bv = min(BLOCK_V, V)
-    if V % bv or C % 64 or K % 64:
-        raise ValueError(f"state pass needs C, K multiples of 64 and V a multiple of {bv}; got C={C} K={K} V={V}")
+    bv = _value_tile(bv, V, H, B, C, K)
 
     def body(*refs):
         if emit_o:
@@ -172,8 +193,8 @@ def _forward(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype, interpret):
     return kern(*args)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def reverse_pass(dO, Aqk, Qs, Kd, W, gend, dS_T, *, interpret=False):
+@functools.partial(jax.jit, static_argnames=("interpret", "bv"))
+def reverse_pass(dO, Aqk, Qs, Kd, W, gend, dS_T, *, interpret=False, bv=None):
     """``(dSn [N,B,H,K,V] f32, dVn [N,B,H,C,V] f32, dh0 [B,H,K,V] f32)``, the chunks in reverse.
 
     ``dSn[n]`` is the gradient of the state leaving chunk n (entering n + 1); per chunk
@@ -187,9 +208,7 @@ def reverse_pass(dO, Aqk, Qs, Kd, W, gend, dS_T, *, interpret=False):
                                ("W", W, (N, B, H, C, K), _BF16), ("gend", gend, (N, B, H, K), _F32),
                                ("dS_T", dS_T, (B, H, K, V), _F32)):
         _check(name, x, shape, dt)
-    bv = min(BLOCK_V, V)
-    if V % bv or C % 64 or K % 64:
-        raise ValueError(f"state pass needs C, K multiples of 64 and V a multiple of {bv}; got C={C} K={K} V={V}")
+    bv = _value_tile(bv, V, H, B, C, K)
 
     def body(do_ref, a_ref, q_ref, kd_ref, w_ref, g_ref, dst_ref, dsn_ref, dvn_ref, dh0_ref,
              do_s, a_s, q_s, kd_s, w_s, g_s, ds_s, dvn_s, bars):

@@ -42,25 +42,41 @@ def _rand(shape, dtype, seed):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
-def test_state_passes_equal_the_scan_passes():
-    """The three kernels against ``ScanPasses`` on the same (bf16-rounded) chunk operands."""
-    N, B, H, C, K, V = 3, 1, 2, 64, 64, 128
+def test_value_tile_policy():
+    """The widest tile that still fills ~128 CTAs; the narrowest where none does; V must divide."""
+    assert state_pass.block_v(128, 16, 8) == 64  # short benchmark shape: 256 CTAs at 64
+    assert state_pass.block_v(128, 16, 2) == 32  # mid: 64 CTAs at 64, 128 at 32
+    assert state_pass.block_v(128, 16, 1) == 16  # long: 128 CTAs only at 16
+    assert state_pass.block_v(192, 64, 4) == 64
+    with pytest.raises(ValueError, match="multiple of 16"):
+        state_pass.block_v(40, 1, 1)
+
+
+@pytest.mark.parametrize("bv", [64, 32, 16])
+def test_state_passes_equal_the_scan_passes(bv):
+    """The three kernels, at each value-tile width, against ``ScanPasses`` on the same (bf16-rounded)
+    chunk operands."""
+    check_state_passes(bv, interpret=True, N=3, K=64)
+
+
+def check_state_passes(bv, interpret, N, K):
+    B, H, C, V = 1, 2, 64, 128
     W, U, Kd, dO, Qs = (_rand((N, B, H, C, d), jnp.bfloat16, s) * 0.2 for s, d in enumerate([K, V, K, V, K]))
     Aqk = jnp.tril(_rand((N, B, H, C, C), jnp.bfloat16, 7) * 0.1)
     gend = jnp.exp(-jnp.abs(_rand((N, B, H, K), jnp.float32, 8)))
     h0, dS_T = _rand((B, H, K, V), jnp.float32, 9), _rand((B, H, K, V), jnp.float32, 10)
     f32 = lambda *xs: [x.astype(jnp.float32) for x in xs]
     ref = chunked.SCAN.forward(*f32(W, U, Kd), gend, h0)
-    got = state_pass.forward_pass(W, U, Kd, gend, h0, interpret=True)
+    got = state_pass.forward_pass(W, U, Kd, gend, h0, interpret=interpret, bv=bv)
     for name, a, b in zip(("h", "Vn", "S_T"), got, ref):
         assert rel_rmse(a, b) < 1e-2, name
     o_ref, S_ref = chunked.SCAN.forward_output(*f32(W, U, Kd), gend, h0, *f32(Qs, Aqk), jnp.float32)
     for out_dtype in (jnp.float32, jnp.bfloat16):
-        o, S_T = state_pass.output_pass(W, U, Kd, gend, h0, Qs, Aqk, out_dtype=out_dtype, interpret=True)
+        o, S_T = state_pass.output_pass(W, U, Kd, gend, h0, Qs, Aqk, out_dtype=out_dtype, interpret=interpret, bv=bv)
         assert o.dtype == out_dtype
         assert rel_rmse(o, o_ref) < 1e-2 and rel_rmse(S_T, S_ref) < 1e-2, out_dtype
     dh0, dSn, dVn = chunked.SCAN.reverse(*f32(dO, Aqk, Qs, Kd, W), gend, dS_T)
-    got = state_pass.reverse_pass(dO, Aqk, Qs, Kd, W, gend, dS_T, interpret=True)
+    got = state_pass.reverse_pass(dO, Aqk, Qs, Kd, W, gend, dS_T, interpret=interpret, bv=bv)
     for name, a, b in zip(("dSn", "dVn", "dh0"), got, (dSn, dVn, dh0)):
         assert rel_rmse(a, b) < 1e-2, name
 
@@ -144,6 +160,13 @@ GPU_SHAPES = [  # (B, T, H, HV, K, V)
     (1, 1500, 2, 4, 128, 128),  # GVA
     (1, 777, 3, 3, 64, 128),
 ]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bv", [64, 32, 16])
+def test_gpu_state_passes_each_width(bv):
+    """The compiled passes at each value-tile width (``state_pass.block_v`` picks one by grid size)."""
+    check_state_passes(bv, interpret=False, N=9, K=128)
 
 
 @pytest.mark.gpu
