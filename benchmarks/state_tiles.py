@@ -7,7 +7,7 @@ shows up here before it reaches a test.
     PYTHONPATH=.site:. python benchmarks/state_tiles.py --shapes mid,long
 
 A narrower tile gives V / bv × heads × batch CTAs instead of V / 64 × …: at the mid shape 64 → 128,
-at the long shape 32 → 128, on a 132-SM card (``kernels/state_pass.py: block_v`` picks the width).
+at the long shape 32 → 128, on a 132-SM card (``kernels/state_pass.py: BLOCK_V``, the default width).
 Writes ``benchmarks/results/state_tiles_<gpu>.json`` (or ``--out``).
 """
 
@@ -32,8 +32,8 @@ from kda_kernels import SHAPES, H, V, make_inputs, rel_rmse, time_jax  # noqa: E
 
 def run_width(bv, x, iters):
     """Times and results of the op with the state passes forced to ``bv`` columns."""
-    saved = state_pass.BLOCK_V_CHOICES
-    state_pass.BLOCK_V_CHOICES = (bv,)
+    saved = state_pass.BLOCK_V
+    state_pass.BLOCK_V = bv
     jax.clear_caches()  # the passes read the width while tracing
     try:
         args = tuple(jnp.asarray(x[n], jnp.bfloat16 if n in ("q", "k", "v", "beta") else jnp.float32)
@@ -47,7 +47,7 @@ def run_width(bv, x, iters):
         times = {p: time_jax(fn, args, iters) for p, fn in (("fwd", fwd), ("fwdbwd", grad))}
         return times, results
     finally:
-        state_pass.BLOCK_V_CHOICES = saved
+        state_pass.BLOCK_V = saved
         jax.clear_caches()
 
 

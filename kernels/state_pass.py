@@ -12,7 +12,7 @@ document boundary inside the chunk cuts the carry):
 ``forward_pass`` (h, Vn and the final state, for the backward), ``output_pass`` (the same pass
 forming each chunk's output o = Qs·h + Aqk·Vn on the tensor cores, for the forward: h and Vn
 never reach HBM) and ``reverse_pass`` run them with one CTA (one warpgroup) per
-``(value tile of bv columns, value head, batch row)`` (``block_v``): the state tile ``[K, bv]`` stays
+``(value tile of bv columns, value head, batch row)`` (``BLOCK_V``): the state tile ``[K, bv]`` stays
 in float32 registers for the whole sequence, each chunk's operands arrive by TMA into
 double-buffered shared memory while the previous chunk computes, and the two products per
 chunk run on the tensor cores (wgmma, bf16 operands, float32 accumulation — the precision map
@@ -34,25 +34,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-BLOCK_V = 64
-# Value-tile widths the passes accept. Narrower tiles give more CTAs (V / bv × heads × batch) when
-# few (batch, head) pairs walk long sequences — the serial chain per CTA is the same length, so a
-# grid far below the SM count leaves most of the GPU idle (benchmarks/NOTES.md, state v5).
+BLOCK_V = 64  # the value-tile width when a call names none (read while tracing)
+# Widths the passes accept. Narrower tiles give more CTAs (V / bv × heads × batch) but were not
+# faster: 32 and 16 against 64 at the mid shape (64 → 128 CTAs) and the long one (32 → 128) moved the
+# op by −3% to +9% on an H200 (benchmarks/NOTES.md, state-pass tiles; ``benchmarks/state_tiles.py``):
+# each chunk's step is latency-bound, not short of SMs.
 BLOCK_V_CHOICES = (64, 32, 16)
-TARGET_PROGRAMS = 128  # about one CTA per SM of an H100 / H200 (132 SMs)
 
 
-def block_v(V: int, H: int, B: int) -> int:
-    """The widest value tile that still gives ``TARGET_PROGRAMS`` CTAs (the narrowest allowed one if
-    none does), among the widths that divide V."""
-    fits = [bv for bv in BLOCK_V_CHOICES if V % bv == 0]
-    if not fits:
-        raise ValueError(f"state pass needs V a multiple of {BLOCK_V_CHOICES[-1]}; got V={V}")
-    return next((bv for bv in fits if (V // bv) * H * B >= TARGET_PROGRAMS), fits[-1])
-
-
-def _value_tile(bv, V, H, B, C, K):
-    bv = block_v(V, H, B) if bv is None else bv
+def _value_tile(bv, V, C, K):
+    bv = min(BLOCK_V, V) if bv is None else bv
     if bv not in BLOCK_V_CHOICES or V % bv or C % 64 or K % 64:
         raise ValueError(f"state pass needs C, K multiples of 64 and a value tile in {BLOCK_V_CHOICES} dividing V; "
                          f"got C={C} K={K} V={V} tile={bv}")
@@ -96,7 +87,7 @@ def _check(name, x, shape, dtype):
 def forward_pass(W, U, Kd, gend, h0, *, interpret=False, bv=None):
     """``(h [N,B,H,K,V] bf16, Vn [N,B,H,C,V] bf16, S_T [B,H,K,V] f32)`` from bf16 ``W, Kd
     [N,B,H,C,K]``, ``U [N,B,H,C,V]``, f32 ``gend [N,B,H,K]`` and ``h0 [B,H,K,V]``; ``bv`` the
-    value-tile width (default ``block_v``)."""
+    value-tile width (default ``BLOCK_V``)."""
     return _forward(W, U, Kd, gend, h0, None, None, out_dtype=None, interpret=interpret, bv=bv)
 
 
@@ -118,7 +109,7 @@ def _forward(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype, interpret, bv):
         checks += [("Qs", Qs, (N, B, H, C, K), _BF16), ("Aqk", Aqk, (N, B, H, C, C), _BF16)]
     for name, x, shape, dt in checks:
         _check(name, x, shape, dt)
-    bv = _value_tile(bv, V, H, B, C, K)
+    bv = _value_tile(bv, V, C, K)
 
     def body(*refs):
         if emit_o:
@@ -208,7 +199,7 @@ def reverse_pass(dO, Aqk, Qs, Kd, W, gend, dS_T, *, interpret=False, bv=None):
                                ("W", W, (N, B, H, C, K), _BF16), ("gend", gend, (N, B, H, K), _F32),
                                ("dS_T", dS_T, (B, H, K, V), _F32)):
         _check(name, x, shape, dt)
-    bv = _value_tile(bv, V, H, B, C, K)
+    bv = _value_tile(bv, V, C, K)
 
     def body(do_ref, a_ref, q_ref, kd_ref, w_ref, g_ref, dst_ref, dsn_ref, dvn_ref, dh0_ref,
              do_s, a_s, q_s, kd_s, w_s, g_s, ds_s, dvn_s, bars):

@@ -42,16 +42,6 @@ def _rand(shape, dtype, seed):
     return jnp.asarray(np.random.default_rng(seed).standard_normal(shape), dtype)
 
 
-def test_value_tile_policy():
-    """The widest tile that still fills ~128 CTAs; the narrowest where none does; V must divide."""
-    assert state_pass.block_v(128, 16, 8) == 64  # short benchmark shape: 256 CTAs at 64
-    assert state_pass.block_v(128, 16, 2) == 32  # mid: 64 CTAs at 64, 128 at 32
-    assert state_pass.block_v(128, 16, 1) == 16  # long: 128 CTAs only at 16
-    assert state_pass.block_v(192, 64, 4) == 64
-    with pytest.raises(ValueError, match="multiple of 16"):
-        state_pass.block_v(40, 1, 1)
-
-
 @pytest.mark.parametrize("bv", [64, 32, 16])
 def test_state_passes_equal_the_scan_passes(bv):
     """The three kernels, at each value-tile width, against ``ScanPasses`` on the same (bf16-rounded)
@@ -165,7 +155,7 @@ GPU_SHAPES = [  # (B, T, H, HV, K, V)
 @pytest.mark.gpu
 @pytest.mark.parametrize("bv", [64, 32, 16])
 def test_gpu_state_passes_each_width(bv):
-    """The compiled passes at each value-tile width (``state_pass.block_v`` picks one by grid size)."""
+    """The compiled passes at each value-tile width they accept (``state_pass.BLOCK_V_CHOICES``)."""
     check_state_passes(bv, interpret=False, N=9, K=128)
 
 
