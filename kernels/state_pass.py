@@ -149,23 +149,14 @@ def _forward(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype, interpret, bv):
             vn = plgpu.load(u_s.at[slot], layout=_WG, optimized=False).astype(_F32) - _mm((C, bv), (w_s.at[slot], s_s))
             vn_s[...] = vn.astype(_BF16)
             plgpu.commit_smem()
-            if not emit_o:
+            if emit_o:
+                o = _mm((C, bv), (q_s.at[slot], s_s), (a_s.at[slot], vn_s))
+                o_ref.at[n, b, h, :, cols][...] = o.astype(out_dtype)
+            else:
                 plgpu.copy_smem_to_gmem(vn_s, vn_ref.at[n, b, h, :, cols], commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
             decay = plgpu.load(g_s.at[slot], layout=_ROW, optimized=False)
-            carried = lax.broadcast_in_dim(decay, (K, bv), [0]) * s
-            if not emit_o:
-                return carried + _mm((K, bv), (kd_s.at[slot].T, vn_s))
-
-            def products(acc_o, acc_s):  # both need only Vn: issued together, one wait for the two
-                plgpu.wgmma(acc_o, q_s.at[slot], s_s)
-                plgpu.wgmma(acc_o, a_s.at[slot], vn_s)
-                plgpu.wgmma(acc_s, kd_s.at[slot].T, vn_s)
-                return acc_o[...], acc_s[...]
-
-            o, update = pl.run_scoped(products, plgpu.ACC((C, bv), _F32), plgpu.ACC((K, bv), _F32))
-            o_ref.at[n, b, h, :, cols][...] = o.astype(out_dtype)
-            return carried + update
+            return lax.broadcast_in_dim(decay, (K, bv), [0]) * s + _mm((K, bv), (kd_s.at[slot].T, vn_s))
 
         s = lax.fori_loop(0, N, step, s0)
         st_ref.at[b, h, :, cols][...] = s
@@ -235,25 +226,15 @@ def reverse_pass(dO, Aqk, Qs, Kd, W, gend, dS_T, *, interpret=False, bv=None):
                 fetch(n - 1, 1 - slot)
 
             plgpu.barrier_wait(bars.at[slot])
-
-            def products(acc_v, acc_b):
-                # the two products of dO need no dS: issued before dS is stored; −dVn goes to shared
-                # memory so that Wᵀ·(−dVn) accumulates onto Qsᵀ·dO (two waits per chunk, not three)
-                plgpu.wgmma(acc_v, a_s.at[slot].T, do_s.at[slot])
-                plgpu.wgmma(acc_b, q_s.at[slot].T, do_s.at[slot])
-                dsn_ref.at[n, b, h, :, cols][...] = ds
-                ds_s[...] = ds.astype(_BF16)
-                plgpu.commit_smem()
-                plgpu.wgmma(acc_v, kd_s.at[slot], ds_s)
-                dvn = acc_v[...]
-                dvn_ref.at[n, b, h, :, cols][...] = dvn
-                dvn_s[...] = (-dvn).astype(_BF16)
-                plgpu.commit_smem()
-                plgpu.wgmma(acc_b, w_s.at[slot].T, dvn_s)
-                return acc_b[...]
-
-            back = pl.run_scoped(products, plgpu.ACC((C, bv), _F32), plgpu.ACC((K, bv), _F32))
+            dsn_ref.at[n, b, h, :, cols][...] = ds
+            ds_s[...] = ds.astype(_BF16)
+            plgpu.commit_smem()
+            dvn = _mm((C, bv), (a_s.at[slot].T, do_s.at[slot]), (kd_s.at[slot], ds_s))
+            dvn_ref.at[n, b, h, :, cols][...] = dvn
+            dvn_s[...] = dvn.astype(_BF16)
+            plgpu.commit_smem()
             decay = plgpu.load(g_s.at[slot], layout=_ROW, optimized=False)
+            back = _mm((K, bv), (q_s.at[slot].T, do_s.at[slot])) - _mm((K, bv), (w_s.at[slot].T, dvn_s))
             return back + lax.broadcast_in_dim(decay, (K, bv), [0]) * ds
 
         dh0_ref.at[b, h, :, cols][...] = lax.fori_loop(0, N, step, ds0)
@@ -266,7 +247,7 @@ def reverse_pass(dO, Aqk, Qs, Kd, W, gend, dS_T, *, interpret=False, bv=None):
         _tiled((2, C, K), minor=bv),  # W
         plgpu.SMEM((2, K), _F32),  # gend
         _tiled((K, bv)),  # dS leaving the chunk, bf16
-        _tiled((C, bv)),  # −dVn, bf16
+        _tiled((C, bv)),  # dVn, bf16
         plgpu.Barrier(num_arrivals=6, num_barriers=2),
     )
     out = (jax.ShapeDtypeStruct((N, B, H, K, V), _F32), jax.ShapeDtypeStruct((N, B, H, C, V), _F32),
