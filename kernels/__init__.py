@@ -69,9 +69,9 @@ DECODE_MIN_STATES = 64
 
 # ``kda_decode`` under a multi-device context mesh runs the kernel per shard (``kda_jax.ops.sharded``,
 # batch rows and heads split as for ``kda``); checked on 8 CPU devices with a stand-in
-# (tests/ops/test_sharded.py). Until ``test_gpu_decode_sharded_*`` passes on two GPUs, ``auto`` runs
-# the XLA step under such meshes.
-DECODE_SHARDED = False
+# (tests/ops/test_sharded.py) and, compiled, by ``test_gpu_decode_sharded_matches_float64_recurrence``
+# on two H200s (commit 3164a5e). Off, ``auto`` takes the XLA step under such meshes.
+DECODE_SHARDED = True
 
 
 def decode_supports(K: int, V: int, tokens: int, backend: str, num_devices: int, sharded: bool = False) -> str | None:

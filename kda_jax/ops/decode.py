@@ -9,7 +9,7 @@ reads and writes each state tile once for all the new tokens; ``impl="auto"`` ta
 ``kda_jax.kernels.decode_supports`` accepts the call, the kernel is enabled and the call has at
 least ``kernels.DECODE_MIN_STATES`` states (batch × value heads) per device. Under a multi-device
 context mesh (``jax.set_mesh``) the kernel runs per shard (``kda_jax.ops.sharded``: batch rows and
-heads split) once ``kernels.DECODE_SHARDED`` is on.
+heads split) while ``kernels.DECODE_SHARDED`` is on (the default).
 """
 
 from __future__ import annotations

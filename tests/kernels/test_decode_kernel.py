@@ -41,11 +41,16 @@ def test_interpret_ring_of_buffers(stages, max_programs):
     assert_close("state", s, s_ref, 1e-5)
 
 
-def test_decode_dispatch_is_fail_closed():
+def test_decode_dispatch_is_fail_closed(monkeypatch):
+    import kda_jax.kernels as kernels
+
     assert decode_supports(128, 128, 1, "gpu", 1) is None
     assert "GPU" in decode_supports(128, 128, 1, "cpu", 1)
     assert "no context mesh" in decode_supports(128, 128, 1, "gpu", 2)
+    assert decode_supports(128, 128, 1, "gpu", 1, sharded=True) is None
+    monkeypatch.setattr(kernels, "DECODE_SHARDED", False)
     assert "DECODE_SHARDED" in decode_supports(128, 128, 1, "gpu", 1, sharded=True)
+    monkeypatch.undo()
     assert "K, V" in decode_supports(96, 128, 1, "gpu", 1)
     assert "tokens" in decode_supports(128, 128, 16, "gpu", 1)
     if jax.default_backend() != "gpu":
