@@ -332,35 +332,36 @@ def main():
               f"traffic ({100 * r['frac_hbm_peak']:.0f}% of {hbm_peak / 1e12:.2f} TB/s); {r['ms_call']:.3f} ms a lone call",
               flush=True)
     write(out, gpu, sha, rows, checks, [])
+    # name -> (inputs, iters) -> (rows, output)
+    benches = {n: (lambda x, iters, n=n, f=f: bench_jax(n, f, x, iters)) for n, f in impls.items()}
+    if torch is not None:
+        benches["fla.chunk_kda"] = lambda x, iters: bench_fla(torch, chunk_kda, x, iters)
     for shape in ([] if args.decode_only else args.shapes.split(",")):
         B, T = SHAPES[shape]
         x = make_inputs(B, T)
         outs = {}
-        for name, f in impls.items():
+        for name, run in benches.items():
+            t0 = time.perf_counter()
             try:
-                r, outs[name] = bench_jax(name, f, x, args.iters)
-                rows += [dict(r_, shape=shape, B=B, T=T, H=H, K=K, V=V) for r_ in r]
+                r, outs[name] = run(x, args.iters)
             except Exception as e:
-                print(f"{name} {shape} failed: {type(e).__name__}: {str(e)[:300]}")
-        if torch is not None:
-            try:
-                r, outs["fla.chunk_kda"] = bench_fla(torch, chunk_kda, x, args.iters)
-                rows += [dict(r_, shape=shape, B=B, T=T, H=H, K=K, V=V) for r_ in r]
-            except Exception as e:
-                print(f"fla {shape} failed: {type(e).__name__}: {str(e)[:300]}")
+                print(f"{name} {shape} failed: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            for r_ in r:
+                r_ = dict(r_, shape=shape, B=B, T=T, H=H, K=K, V=V, **{"pass": r_["pass_"]})
+                del r_["pass_"]
+                r_["floor_ms"] = B * T * H * FLOOR_BYTES[r_["pass"]] / copy_bw * 1e3
+                r_["x_floor"] = r_["ms"] / r_["floor_ms"]
+                rows.append(r_)
+            print(f"{shape} {name}: " + ", ".join(f"{r_['pass_']} {r_['ms']:.3f} ms" for r_ in r)
+                  + f" ({time.perf_counter() - t0:.0f} s with compiling)", flush=True)
+            write(out, gpu, sha, rows, checks, [])  # after every implementation: a cut-off run keeps what it measured
         if "fla.chunk_kda" in outs:
             for name, o in outs.items():
                 if name != "fla.chunk_kda":
                     checks.append(dict(shape=shape, impl=name, vs="fla.chunk_kda",
                                        rel_rmse_o=rel_rmse(o, outs["fla.chunk_kda"])))
-        for r in rows:
-            if r.get("pass", r.get("pass_")) == "decode":
-                continue
-            r["pass"] = r.pop("pass_", r.get("pass"))
-            r["floor_ms"] = r["B"] * r["T"] * H * FLOOR_BYTES[r["pass"]] / copy_bw * 1e3
-            r["x_floor"] = r["ms"] / r["floor_ms"]
-        write(out, gpu, sha, rows, checks, [])  # after every shape, so a cut-off run keeps its results
-        print(json.dumps([r for r in rows if r["shape"] == shape]), flush=True)
+            write(out, gpu, sha, rows, checks, [])
 
     mem = [] if args.no_memory or args.decode_only else memory_rows()
     write(out, gpu, sha, rows, checks, mem)
