@@ -37,9 +37,12 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 BLOCK_V = 64  # the value-tile width when a call names none (read while tracing)
 # Widths the passes accept. Narrower tiles give more CTAs (V / bv × heads × batch) but were not
 # faster: 32 and 16 against 64 at the mid shape (64 → 128 CTAs) and the long one (32 → 128) moved the
-# op by −3% to +9% on an H200 (benchmarks/NOTES.md, state-pass tiles; ``benchmarks/state_tiles.py``):
-# each chunk's step is latency-bound, not short of SMs.
+# op by −2% to +10% on an H200 (benchmarks/NOTES.md v5; ``benchmarks/state_tiles.py``): each chunk's
+# step is latency-bound, not short of SMs.
 BLOCK_V_CHOICES = (64, 32, 16)
+_WG = plgpu.Layout.WGMMA
+_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA-layout tile
+_BF16, _F32 = jnp.bfloat16, jnp.float32
 
 
 def _value_tile(bv, V, C, K):
@@ -48,9 +51,6 @@ def _value_tile(bv, V, C, K):
         raise ValueError(f"state pass needs C, K multiples of 64 and a value tile in {BLOCK_V_CHOICES} dividing V; "
                          f"got C={C} K={K} V={V} tile={bv}")
     return bv
-_WG = plgpu.Layout.WGMMA
-_ROW = plgpu.Layout.WGMMA.reduce(1)  # one value per row of a WGMMA-layout tile
-_BF16, _F32 = jnp.bfloat16, jnp.float32
 
 
 def _tiled(shape, dtype=_BF16, minor=None):

@@ -79,6 +79,8 @@ def test_state_pass_rejects_wrong_operands():
     W48 = jnp.zeros((1, 1, 1, 64, 48), jnp.bfloat16)
     with pytest.raises(ValueError, match="multiples of 64"):
         state_pass.forward_pass(W48, W, W48, g[..., :48], jnp.zeros((1, 1, 48, 64), jnp.float32), interpret=True)
+    with pytest.raises(ValueError, match=r"value tile in \(64, 32, 16\) dividing V; got C=64 K=64 V=64 tile=48"):
+        state_pass.forward_pass(W, W, W, g, h0, interpret=True, bv=48)
 
 
 @pytest.mark.parametrize("shape,dtype,gate,fused", [
