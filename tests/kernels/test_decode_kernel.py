@@ -52,6 +52,7 @@ def test_decode_dispatch_is_fail_closed(monkeypatch):
     assert "DECODE_SHARDED" in decode_supports(128, 128, 1, "gpu", 1, sharded=True)
     monkeypatch.undo()
     assert "K, V" in decode_supports(96, 128, 1, "gpu", 1)
+    assert "K, V" in decode_supports(128, 64, 1, "gpu", 1)  # not among the GPU-tested head sizes
     assert "tokens" in decode_supports(128, 128, 16, "gpu", 1)
     if jax.default_backend() != "gpu":
         q, k, v, g, beta, state = decode_inputs(1, 1, 1, 1, 64, 64)

@@ -106,7 +106,7 @@ def test_fused_output_only_where_not_differentiated(monkeypatch):
     for name in ("forward_pass", "output_pass"):
         real = getattr(state_pass, name)
         monkeypatch.setattr(state_pass, name, lambda *a, _f=real, _n=name, **kw: calls.append(_n) or _f(*a, **kw))
-    x = make_inputs(1, 64, 1, 1, 64, 64, dtype=jnp.bfloat16, seed=3)
+    x = make_inputs(1, 64, 1, 1, 128, 128, dtype=jnp.bfloat16, seed=3)
     args = [x[n] for n in GRAD_NAMES]
     fn = _mosaic(fused_output=True)
     jax.jit(fn).lower(*args)
@@ -117,6 +117,25 @@ def test_fused_output_only_where_not_differentiated(monkeypatch):
     calls.clear()
     jax.jit(_mosaic(fused_output=False)).lower(*args)
     assert calls == ["forward_pass"]
+
+
+def test_fused_output_compiled_only_at_gpu_tested_head_sizes(monkeypatch):
+    """Compiled (not interpret) calls take the fused-output kernel only at the (K, V) its GPU tests ran."""
+    from kda_jax.kernels.kda import FUSED_OUTPUT_KV, MosaicPasses
+
+    calls = []
+    monkeypatch.setattr(state_pass, "output_pass", lambda W, U, *a, **kw: calls.append("output_pass") or
+                        (jnp.zeros((*U.shape[:-2], W.shape[-2], U.shape[-1])), jnp.zeros(a[2].shape)))
+    monkeypatch.setattr(state_pass, "forward_pass", lambda W, U, Kd, gend, h0, **kw: calls.append("forward_pass") or
+                        (jnp.zeros((*W.shape[:-2], W.shape[-1], U.shape[-1])), U, h0))
+    for K, V in [(64, 64), (128, 64), (128, 128)]:
+        N, B, H, C = 1, 1, 1, 64
+        W, Kd, Qs = (jnp.zeros((N, B, H, C, K), jnp.bfloat16) for _ in range(3))
+        U, Aqk = jnp.zeros((N, B, H, C, V), jnp.bfloat16), jnp.zeros((N, B, H, C, C), jnp.bfloat16)
+        calls.clear()
+        MosaicPasses(interpret=False, fused_output=True).forward_output_primal(
+            W, U, Kd, jnp.ones((N, B, H, K)), jnp.zeros((B, H, K, V)), Qs, Aqk, jnp.bfloat16)
+        assert calls == ["output_pass" if (K, V) in FUSED_OUTPUT_KV else "forward_pass"], (K, V)
 
 
 def test_dispatch_is_fail_closed(monkeypatch):
@@ -136,6 +155,7 @@ def test_dispatch_is_fail_closed(monkeypatch):
     assert "chunk_size" in mosaic_supports(call(chunk_size=32))
     assert "K, V" in mosaic_supports(call(K=96))
     assert "K, V" in mosaic_supports(call(V=256))
+    assert "K, V" in mosaic_supports(call(V=64))  # K ≠ V: not among the GPU-tested head sizes
     assert "float16" in mosaic_supports(call(qkv_dtype=jnp.dtype(jnp.float16)))
     assert registry.select("auto", call(backend="cpu")).name == "chunked"
     assert registry.select("auto", call(num_devices=2)).name == "chunked"
@@ -166,7 +186,7 @@ def test_gpu_state_passes_each_width(bv):
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}T{}H{}HV{}K{}V{}".format(*s))
 def test_gpu_matches_float64_recurrence(shape, dtype):
     x = make_inputs(*shape, dtype=dtype, seed=sum(shape))
-    check_against_oracle(_mosaic(interpret=False), x, label=f"mosaic gpu {shape}")
+    check_against_oracle(_mosaic(interpret=False), x, label=f"mosaic gpu {shape}", primal=True)
 
 
 @pytest.mark.gpu
