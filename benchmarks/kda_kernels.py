@@ -73,6 +73,8 @@ def make_inputs(B, T, seed=0):
 
 
 def time_jax(fn, args, iters, warmup=3):
+    """(median, min) ms of lone calls, each waited for (host dispatch included), and ms per call of
+    ``iters`` calls issued back to back with one wait (the host dispatches ahead, as in training)."""
     for _ in range(warmup):
         jax.block_until_ready(fn(*args))
     ts = []
@@ -80,7 +82,11 @@ def time_jax(fn, args, iters, warmup=3):
         t0 = time.perf_counter()
         jax.block_until_ready(fn(*args))
         ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts), min(ts)
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        out = fn(*args)
+    jax.block_until_ready(out)
+    return statistics.median(ts), min(ts), (time.perf_counter() - t0) * 1e3 / iters
 
 
 def rel_rmse(a, b):
@@ -112,6 +118,13 @@ def _mosaic_fused_output(q, k, v, g, beta):
     return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, fused_output=True)[0]
 
 
+def _mosaic_blocks_kernel(q, k, v, g, beta):
+    """The Mosaic path with Aqk and L formed whole by ``blocks.gated_blocks`` (kernels/kda.py BLOCKS_KERNEL)."""
+    from kda_jax.kernels.kda import kda_mosaic
+
+    return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, blocks_kernel=True)[0]
+
+
 def _mosaic_xla_diag(q, k, v, g, beta):
     """The Mosaic path with the diagonal sub-blocks in XLA (kernels/kda.py INTRA_KERNEL off)."""
     from kda_jax.kernels.kda import kda_mosaic
@@ -123,6 +136,7 @@ def jax_impls(unroll_ablation=False):
     impls = {"kda_jax.chunked": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="chunked")[0],
              "kda_jax.mosaic": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="mosaic")[0],
              "kda_jax.mosaic[fused_output]": _mosaic_fused_output,
+             "kda_jax.mosaic[blocks_kernel]": _mosaic_blocks_kernel,
              "kda_jax.mosaic[xla_diag]": _mosaic_xla_diag}
     if unroll_ablation:
         impls["kda_jax.chunked[unroll=1]"] = _chunked_with_unroll(1)
@@ -146,8 +160,8 @@ def bench_jax(name, f, x, iters):
     out = np.asarray(fwd(*args).astype(jnp.float32))
     rows = []
     for p, fn in (("fwd", fwd), ("fwdbwd", fwdbwd)):
-        ms, ms_min = time_jax(fn, args, iters)
-        rows.append(dict(impl=name, pass_=p, ms=ms, ms_min=ms_min, n=iters))
+        ms, ms_min, ms_pipe = time_jax(fn, args, iters)
+        rows.append(dict(impl=name, pass_=p, ms=ms, ms_min=ms_min, ms_pipelined=ms_pipe, n=iters))
     return rows, out
 
 
@@ -184,7 +198,13 @@ def bench_fla(torch, chunk_kda, x, iters):
             e.record()
             torch.cuda.synchronize()
             ts.append(s.elapsed_time(e))
-        return statistics.median(ts), min(ts)
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        for _ in range(iters):  # back to back, one wait: as ``time_jax``'s pipelined figure
+            fn()
+        e.record()
+        torch.cuda.synchronize()
+        return statistics.median(ts), min(ts), s.elapsed_time(e) / iters
 
     with torch.no_grad():
         out = chunk_kda(q, k, v, g, beta)[0].float().cpu().numpy()
@@ -196,8 +216,8 @@ def bench_fla(torch, chunk_kda, x, iters):
         o.backward(do)
 
     bwd = timed(fwdbwd)
-    rows = [dict(impl="fla.chunk_kda", pass_="fwd", ms=fwd[0], ms_min=fwd[1], n=iters),
-            dict(impl="fla.chunk_kda", pass_="fwdbwd", ms=bwd[0], ms_min=bwd[1], n=iters)]
+    rows = [dict(impl="fla.chunk_kda", pass_=p, ms=t[0], ms_min=t[1], ms_pipelined=t[2], n=iters)
+            for p, t in (("fwd", fwd), ("fwdbwd", bwd))]
     return rows, out
 
 
@@ -353,7 +373,8 @@ def main():
                 r_["floor_ms"] = B * T * H * FLOOR_BYTES[r_["pass"]] / copy_bw * 1e3
                 r_["x_floor"] = r_["ms"] / r_["floor_ms"]
                 rows.append(r_)
-            print(f"{shape} {name}: " + ", ".join(f"{r_['pass_']} {r_['ms']:.3f} ms" for r_ in r)
+            print(f"{shape} {name}: " + ", ".join(f"{r_['pass_']} {r_['ms']:.3f} ms ({r_['ms_pipelined']:.3f} back to back)"
+                                                  for r_ in r)
                   + f" ({time.perf_counter() - t0:.0f} s with compiling)", flush=True)
             write(out, gpu, sha, rows, checks, [])  # after every implementation: a cut-off run keeps what it measured
         if "fla.chunk_kda" in outs:

@@ -70,9 +70,9 @@ def main():
             times, res = run_width(bv, x, args.iters)
             base = base or res
             diff = {n: rel_rmse(a, b) for n, a, b in zip(("o", "dq", "dk", "dv", "dg", "dbeta"), res, base)}
-            for p, (ms, ms_min) in times.items():
+            for p, (ms, ms_min, ms_pipe) in times.items():
                 rows.append(dict(shape=shape, B=B, T=T, bv=bv, ctas=(V // bv) * H * B, pass_=p, ms=ms,
-                                 ms_min=ms_min, n=args.iters))
+                                 ms_min=ms_min, ms_pipelined=ms_pipe, n=args.iters))
             rows[-1]["rel_rmse_vs_first_width"] = diff
             print(f"{shape} bv={bv}: fwd {times['fwd'][0]:.3f} ms, fwd+bwd {times['fwdbwd'][0]:.3f} ms; "
                   f"vs bv={args.widths.split(',')[0]}: " + ", ".join(f"{k} {v:.1e}" for k, v in diff.items()), flush=True)

@@ -118,32 +118,40 @@ def band_lower(q, k, G, *, interpret=False):
     """``[N, B, H, 2, SUB, C]`` float32 bands of the q·k and k·k gated products (module docstring)
     from chunk-major ``q, k [N, B, H, C, K]`` (bf16 or float32, one dtype) and float32 G."""
     N, B, H, C, K = _operands(q, k, G)
-    nb = K // BLOCK_K
 
     def body(q_ref, k_ref, g_ref, out_ref, k_s, g_s, o_s):
         idx = (lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h"))
-        t = _Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(k=k_s, G=g_s), idx, C)
-        for cb in range(nb):
-            x = t.stage(cb)
-
-            # a loop over δ, not 16 unrolled copies: unrolled, the kernel stalled on instruction
-            # fetch (Nsight Compute, benchmarks/NOTES.md v4)
-            @pl.loop(0, SUB)
-            def _(d):
-                y = t.shifted("k", d, -1) * _decay(x["G"], t.shifted("G", d, -1))
-                for s, xs in enumerate((x["q"], x["k"])):
-                    part = jnp.sum(xs * y, axis=1)  # the partial sums live in shared memory, not registers;
-                    acc = o_s.at[s, d]  # each thread reads back only the rows it wrote
-                    acc[...] = part if cb == 0 else plgpu.load(acc, layout=_ROW, optimized=False) + part
+        band_sums(_Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(k=k_s, G=g_s), idx, C), K // BLOCK_K, o_s)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_s, out_ref.at[idx])
         plgpu.wait_smem_to_gmem(0)
 
-    rows = C + 2 * SUB
     kern = _kernel(body, name="kda_intra_band_lower", interpret=interpret, grid=(N, B, H), grid_names=("n", "b", "h"),
-                   out_type=jax.ShapeDtypeStruct((N, B, H, 2, SUB, C), _F32),
-                   scratch_types=[_padded(rows, k.dtype), _padded(rows, _F32), plgpu.SMEM((2, SUB, C), _F32)])
+                   out_type=jax.ShapeDtypeStruct((N, B, H, 2, SUB, C), _F32), scratch_types=band_scratch(C, k.dtype))
     return kern(q, k, G)
+
+
+def band_scratch(C, dtype):
+    """Shared memory of ``band_sums``: the staged k and G blocks, and the bands ``[2, SUB, C]``."""
+    rows = C + 2 * SUB
+    return [_padded(rows, dtype), _padded(rows, _F32), plgpu.SMEM((2, SUB, C), _F32)]
+
+
+def band_sums(t, nb, o_s):
+    """The q·k and k·k bands of one chunk into ``o_s [2, SUB, C]`` (float32, shared memory; each
+    thread holds the rows it wrote — commit before another thread reads them)."""
+    for cb in range(nb):
+        x = t.stage(cb)
+
+        # a loop over δ, not 16 unrolled copies: unrolled, the kernel stalled on instruction
+        # fetch (Nsight Compute, benchmarks/NOTES.md v4)
+        @pl.loop(0, SUB)
+        def _(d):
+            y = t.shifted("k", d, -1) * _decay(x["G"], t.shifted("G", d, -1))
+            for s, xs in enumerate((x["q"], x["k"])):
+                part = jnp.sum(xs * y, axis=1)  # the partial sums live in shared memory, not registers;
+                acc = o_s.at[s, d]  # each thread reads back only the rows it wrote
+                acc[...] = part if cb == 0 else plgpu.load(acc, layout=_ROW, optimized=False) + part
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from kda_jax.kernels import intra, state_pass
+from kda_jax.kernels import blocks, intra, state_pass
 from kda_jax.ops.chunked import ScanPasses, _diag_blocks, kda_chunked
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
@@ -34,6 +34,11 @@ FUSED_OUTPUT_KV = ((128, 128),)
 # passed on an H100 at commit e37d402, and forward+backward at the mid shape took 7.8 instead of
 # 12.0 ms of kernels (benchmarks/NOTES.md).
 INTRA_KERNEL = True
+# Aqk and L whole (diagonal bands, off-diagonal sub-blocks on the tensor cores, masks) in one kernel
+# (``blocks.gated_blocks``) instead of ``band_lower`` and the XLA around it. Compiled calls keep the
+# XLA form until its GPU tests (tests/kernels/test_blocks_kernel.py and test_mosaic.py with it on)
+# have passed; interpret mode (CPU tests) runs it whenever it is asked for.
+BLOCKS_KERNEL = False
 
 _SUB = intra.SUB
 _R, _C = np.arange(_SUB)[:, None], np.arange(_SUB)[None, :]
@@ -71,10 +76,22 @@ def blocks_to_col_bands(M):
 class MosaicPasses:
     """The ``passes`` interface of ``kda_jax.ops.chunked`` on the state-pass and intra kernels."""
 
-    def __init__(self, interpret: bool = False, fused_output: bool | None = None, intra_kernel: bool | None = None):
+    def __init__(self, interpret: bool = False, fused_output: bool | None = None, intra_kernel: bool | None = None,
+                 blocks_kernel: bool | None = None):
         self.interpret = bool(interpret)
         self.fused_output = FUSED_OUTPUT if fused_output is None else bool(fused_output)
         self.intra_kernel = INTRA_KERNEL if intra_kernel is None else bool(intra_kernel)
+        self.blocks_kernel = BLOCKS_KERNEL if blocks_kernel is None else bool(blocks_kernel)
+
+    def gated_blocks(self, gating, q, k, qf, kf, beta, zones, scale):
+        if not (self.intra_kernel and self.blocks_kernel):
+            return ScanPasses.gated_blocks(self, gating, q, k, qf, kf, beta, zones, scale)
+        G = gating.G
+        zone = (jnp.zeros((*G.shape[:2], G.shape[-2]), _F32) if zones.zone is None
+                else zones.zone[:, :, 0, :].astype(_F32))
+        Aqk, L = blocks.gated_blocks(q.astype(k.dtype), k, G.astype(_F32), beta.astype(_F32), zone, scale=scale,
+                                     interpret=self.interpret)
+        return Aqk.astype(G.dtype), L.astype(G.dtype)
 
     def intra_diag(self, gating, q, k):
         if not self.intra_kernel:
@@ -118,7 +135,7 @@ class MosaicPasses:
         return dh0, dSn, dVn
 
     def _key(self):
-        return (self.interpret, self.fused_output, self.intra_kernel)
+        return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel)
 
     def __hash__(self):
         return hash((type(self), self._key()))
@@ -128,13 +145,15 @@ class MosaicPasses:
 
 
 def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, interpret=False,
-               fused_output=None, intra_kernel=None):
+               fused_output=None, intra_kernel=None, blocks_kernel=None):
     """Canonical inputs (``kda_jax.ops.inputs.canonicalize``) -> (o, final state float32).
 
     Needs chunk_size 64 and K, V multiples of 64 (see ``supports``); ``interpret`` runs the
     kernels on CPU (tests); ``fused_output`` picks the forward kernel that also forms o for calls
     that are not differentiated (default ``FUSED_OUTPUT``); ``intra_kernel`` computes the diagonal sub-blocks of the gated
-    products with the ``intra`` kernels (default ``INTRA_KERNEL``).
+    products with the ``intra`` kernels (default ``INTRA_KERNEL``); ``blocks_kernel`` forms Aqk and L
+    whole in ``blocks.gated_blocks`` (default ``BLOCKS_KERNEL``; needs ``intra_kernel``).
     """
+    passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel)
     return kda_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets,
-                       chunk_size=chunk_size, passes=MosaicPasses(interpret, fused_output, intra_kernel))
+                       chunk_size=chunk_size, passes=passes)

@@ -220,9 +220,7 @@ def _unit_lower_inverse(L: jax.Array) -> jax.Array:
 
 def _intra(q, k, qf, kf, beta, gating: _Gating, zones: _Zones, scale, passes):
     """Aqk (lower incl. diagonal) and T = (I + L)⁻¹, both ``[..., C, C]``."""
-    P, R = gating.lower(jnp.stack([qf, kf]), kf, passes.intra_diag(gating, q, k))
-    Aqk = zones.pair(scale * P, strict=False)
-    L = zones.pair(beta[..., None] * R, strict=True)
+    Aqk, L = passes.gated_blocks(gating, q, k, qf, kf, beta, zones, scale)
     return Aqk, _unit_lower_inverse(L)
 
 
@@ -246,6 +244,13 @@ class ScanPasses:
     """The two serial passes over the chunks as ``lax.scan`` (XLA), and the exact diagonal
     sub-blocks of the gated products (``_Gating``); ``kda_jax.kernels`` gives GPU kernels with the
     same interface. Chunk-major arrays ``[N, B, HV, C, D]``."""
+
+    def gated_blocks(self, gating: _Gating, q, k, qf, kf, beta, zones: _Zones, scale):
+        """Aqk = s·tril(P) and L = β·strict_tril(R) of the q·k and k·k gated products, with pairs
+        across documents removed, ``[..., C, C]`` (q, k in their input dtype; qf, kf, β in the
+        dtype of G)."""
+        P, R = gating.lower(jnp.stack([qf, kf]), kf, self.intra_diag(gating, q, k))
+        return zones.pair(scale * P, strict=False), zones.pair(beta[..., None] * R, strict=True)
 
     def intra_diag(self, gating: _Gating, q, k):
         """The 16×16 diagonal sub-blocks of the q·k and k·k gated products, ``[2, ..., nc, 16, 16]``

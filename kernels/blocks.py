@@ -1,0 +1,115 @@
+"""Both gated products of a chunk, whole, in one Pallas Mosaic GPU kernel (H100).
+
+Per chunk and value head (kda_spec §3.2, ``kda_jax.ops.chunked``), with G the in-chunk cumsum
+of the log decay and zones the documents inside the chunk:
+
+    Aqk = s · tril(P) ⊙ same_zone            P_ij = Σ_d q_id k_jd e^{G_id − G_jd}
+    L   = β_i · strict_tril(R) ⊙ same_zone   R_ij = Σ_d k_id k_jd e^{G_id − G_jd}
+
+``gated_blocks`` forms both, float32 ``[C, C]``, in one CTA per (chunk, batch row, head),
+replacing the XLA code around ``intra.band_lower`` (the reference-point factors, the
+off-diagonal einsums, the bands-to-blocks gathers and the masks, each a pass over HBM):
+
+* the exact diagonal 16×16 sub-blocks: ``intra.band_sums`` (bands in shared memory), moved into
+  the register tile with one select per distance δ. Its exponents are clamped at 0, so its band
+  values are exact for every causal pair at distance δ < 16, also across a sub-chunk boundary:
+  all of them replace the tensor-core entries at those distances (float32 sums there);
+* the off-diagonal sub-blocks on the tensor cores, with no 16-row products (benchmarks/NOTES.md,
+  "Next" 1b): for each query sub-chunk p ≥ 1, ``X_p = X ⊙ e^{G − G_n(p)}`` with the rows outside p
+  zeroed and ``Y_p = k ⊙ e^{G_n(p) − G}`` with the rows from n(p) = 16p on zeroed, so that
+  ``Σ_p X_p·Y_pᵀ`` is exactly the strictly block-lower part. Every exponent is ≤ 0 (masked rows
+  take exponent 0 and are then zeroed), so gates of −1000 stay finite. The operands are rounded
+  to bf16 (float32 accumulation), the precision of W, U, Kd and the state pass's operands.
+
+G ≤ 0 increments are assumed (a log decay), as in ``intra``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kda_jax.kernels import intra
+from kda_jax.kernels.state_pass import _BF16, _F32, _ROW, _WG, _tiled
+
+SUB = intra.SUB
+_COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column of a WGMMA-layout tile
+BLOCK_D = 64  # channels per wgmma operand tile (bf16 rows of 128 bytes, the widest swizzle)
+
+
+def _check(name, x, shape, dtype):
+    if x.shape != shape or x.dtype != jnp.dtype(dtype):
+        raise ValueError(f"gated_blocks: {name} must be {jnp.dtype(dtype).name}{list(shape)}, got {x.dtype}{list(x.shape)}")
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
+def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False):
+    """``(Aqk, L)``, each ``[N, B, H, C, C]`` float32 (module docstring), from chunk-major
+    ``q, k [N, B, H, C, K]`` (bf16 or float32, one dtype), float32 ``G [N, B, H, C, K]``,
+    ``beta [N, B, H, C]`` and the zone of each row ``zone [N, B, C]`` (float32 document counts
+    inside the chunk; zeros when there are no documents)."""
+    N, B, H, C, K = intra._operands(q, k, G)
+    _check("beta", beta, (N, B, H, C), _F32)
+    _check("zone", zone, (N, B, C), _F32)
+    if K % BLOCK_D:
+        raise ValueError(f"gated_blocks needs K a multiple of {BLOCK_D}; got K={K}")
+    nc = C // SUB
+
+    def body(q_ref, k_ref, g_ref, b_ref, z_ref, a_ref, l_ref, k_s, g_s, o_s, xq_s, xk_s, y_s):
+        n, b, h = lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h")
+        idx = (n, b, h)
+        intra.band_sums(intra._Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(k=k_s, G=g_s), idx, C), K // intra.BLOCK_K,
+                        o_s)
+
+        def off_diagonal(acc_p, acc_r):
+            r = plgpu.broadcasted_iota(jnp.int32, (C, BLOCK_D), 0, layout=_WG)
+            first = True
+            for cb in range(K // BLOCK_D):
+                cs = pl.ds(cb * BLOCK_D, BLOCK_D)
+                load = lambda ref: plgpu.load(ref.at[idx].at[:, cs], layout=_WG, optimized=False).astype(_F32)
+                g, qx, kx = load(g_ref), load(q_ref), load(k_ref)
+                for p in range(1, nc):
+                    gn = plgpu.load(g_ref.at[idx].at[p * SUB, cs], layout=_COL, optimized=False)
+                    gn = lax.broadcast_in_dim(gn, (C, BLOCK_D), [1])
+                    rows_p = (r >= p * SUB) & (r < (p + 1) * SUB)
+                    before = r < p * SUB
+                    qfac = jnp.exp(jnp.where(rows_p, g - gn, 0.0))
+                    kfac = jnp.exp(jnp.where(before, gn - g, 0.0))
+                    if not first:
+                        plgpu.wgmma_wait(0)  # the previous products have read the operand tiles
+                    first = False
+                    xq_s[...] = jnp.where(rows_p, qx * qfac, 0.0).astype(_BF16)
+                    xk_s[...] = jnp.where(rows_p, kx * qfac, 0.0).astype(_BF16)
+                    y_s[...] = jnp.where(before, kx * kfac, 0.0).astype(_BF16)
+                    plgpu.commit_smem()
+                    plgpu.wgmma(acc_p, xq_s, y_s.T)
+                    plgpu.wgmma(acc_r, xk_s, y_s.T)
+            return acc_p[...], acc_r[...]
+
+        P, R = pl.run_scoped(off_diagonal, plgpu.ACC((C, C), _F32), plgpu.ACC((C, C), _F32))
+        plgpu.commit_smem()  # the bands, written row by row, visible to every thread
+
+        rows = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=_WG)
+        dist = rows - plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=_WG)
+        row_vec = lambda ref: lax.broadcast_in_dim(plgpu.load(ref, layout=_ROW, optimized=False), (C, C), [0])
+
+        def diagonal(d, pr):  # band[δ, i] = M[i, i − δ]: exact for every causal pair at distance δ
+            return tuple(jnp.where(dist == d, row_vec(o_s.at[s, d]), m) for s, m in enumerate(pr))
+
+        P, R = lax.fori_loop(0, SUB, diagonal, (P, R))
+        zr = lax.broadcast_in_dim(plgpu.load(z_ref.at[n, b], layout=_ROW, optimized=False), (C, C), [0])
+        zc = lax.broadcast_in_dim(plgpu.load(z_ref.at[n, b], layout=_COL, optimized=False), (C, C), [1])
+        same = zr == zc
+        a_ref.at[idx][...] = jnp.where((dist >= 0) & same, scale * P, 0.0)
+        l_ref.at[idx][...] = jnp.where((dist > 0) & same, row_vec(b_ref.at[idx]) * R, 0.0)
+
+    out = tuple(jax.ShapeDtypeStruct((N, B, H, C, C), _F32) for _ in range(2))
+    scratch = intra.band_scratch(C, k.dtype) + [_tiled((C, BLOCK_D)) for _ in range(3)]
+    kern = intra._kernel(body, name="kda_gated_blocks", interpret=interpret, grid=(N, B, H),
+                         grid_names=("n", "b", "h"), out_type=out, scratch_types=scratch)
+    return kern(q, k, G, beta, zone)

@@ -1,0 +1,88 @@
+"""``kda_jax.kernels.blocks.gated_blocks`` (Aqk and L whole, one kernel) against float64 sums.
+
+CPU: interpret mode at small shapes. GPU (``-m gpu``, ``KDA_TEST_GPU=1``): compiled, K = 64 and 128.
+End-to-end outputs and gradients through the kernel: test_mosaic.py (``blocks_kernel=True``).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kda_jax.kernels import blocks
+from tests.kernels.test_intra_kernel import _inputs
+
+SUB = blocks.SUB
+
+
+def _zones(N, B, C, rng):
+    """Document counts inside each chunk: chunk 0 has none, the others boundaries at random rows
+    (some inside sub-chunks, one on a sub-chunk's first row)."""
+    z = np.zeros((N, B, C), np.float32)
+    for n in range(1, N):
+        for b in range(B):
+            for start in sorted({int(x) for x in rng.integers(1, C, 2)} | {16}):
+                z[n, b, start:] += 1
+    return z
+
+
+def _reference(q, k, G, beta, zone, scale):
+    q, k, G, beta = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k, G, beta))
+    C = q.shape[-2]
+    i, j = np.arange(C)[:, None], np.arange(C)[None, :]
+    e = np.exp(np.where((j <= i)[..., None], G[..., :, None, :] - G[..., None, :, :], -np.inf))  # [.., i, j, d]
+    P = np.einsum("...id,...jd,...ijd->...ij", q, k, e)
+    R = np.einsum("...id,...jd,...ijd->...ij", k, k, e)
+    same = (zone[..., :, None] == zone[..., None, :])[:, :, None]  # [N, B, 1, C, C]
+    return scale * np.where((j <= i) & same, P, 0.0), beta[..., None] * np.where((j < i) & same, R, 0.0)
+
+
+def _check(shape, dtype, interpret, seed):
+    N, B, H, C, K = shape
+    q, k, G, rng = _inputs(*shape, dtype, seed)
+    beta = jnp.asarray(rng.uniform(0.05, 1.0, (N, B, H, C)), jnp.float32)
+    zone = _zones(N, B, C, rng)
+    scale = K ** -0.5
+    Aqk, L = blocks.gated_blocks(q, k, G, beta, jnp.asarray(zone), scale=scale, interpret=interpret)
+    diag = np.arange(C)[:, None] - np.arange(C)[None, :] < SUB  # the exact bands (float32 sums), δ < 16
+    for name, got, want in zip(("Aqk", "L"), (Aqk, L), _reference(q, k, G, beta, zone, scale)):
+        got = np.asarray(got, np.float64)
+        assert np.isfinite(got).all(), name
+        strict = name == "L"
+        keep = (np.arange(C)[:, None] - np.arange(C)[None, :] >= int(strict)) & (zone[..., :, None] == zone[..., None, :])[:, :, None]
+        assert not np.broadcast_to(~keep, got.shape)[got != 0].any(), f"{name}: entries outside the causal same-document pairs"
+        top = np.abs(want).max()
+        assert np.abs(np.where(diag, got - want, 0)).max() < 2e-6 * top, f"{name}: distances below {SUB}"
+        # the rest of the off-diagonal sub-blocks: bf16 operands (each rounded by ≤ 2^-9), float32 accumulation
+        off = ~diag & (np.arange(C)[:, None] > np.arange(C)[None, :])
+        err = np.where(off, got - want, 0)
+        assert np.abs(err).max() < 1e-2 * top, f"{name}: off-diagonal max error {np.abs(err).max():.2e} of {top:.2e}"
+        rel = np.sqrt(np.sum(err ** 2) / np.sum(np.where(off, want, 0) ** 2))
+        assert rel < 4e-3, f"{name}: off-diagonal relative RMSE {rel:.2e}"
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_interpret_matches_float64(dtype):
+    _check((3, 1, 2, 64, 64), dtype, interpret=True, seed=3)
+
+
+def test_rejects_wrong_operands():
+    q = jnp.zeros((1, 1, 1, 64, 64), jnp.bfloat16)
+    G = q.astype(jnp.float32)
+    with pytest.raises(ValueError, match=r"beta must be float32\[1, 1, 1, 64\], got bfloat16"):
+        blocks.gated_blocks(q, q, G, jnp.zeros((1, 1, 1, 64), jnp.bfloat16), jnp.zeros((1, 1, 64), jnp.float32), scale=1.0,
+                            interpret=True)
+    with pytest.raises(ValueError, match=r"zone must be float32\[1, 1, 64\]"):
+        blocks.gated_blocks(q, q, G, G[..., 0], jnp.zeros((1, 1, 64), jnp.int32), scale=1.0, interpret=True)
+    q96 = jnp.zeros((1, 1, 1, 64, 96), jnp.bfloat16)
+    with pytest.raises(ValueError, match="K a multiple of 64"):
+        blocks.gated_blocks(q96, q96, q96.astype(jnp.float32), G[..., 0], jnp.zeros((1, 1, 64), jnp.float32), scale=1.0,
+                            interpret=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [64, 128])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
+def test_gpu_matches_float64(dtype, K):
+    assert jax.default_backend() == "gpu"
+    _check((3, 2, 4, 64, K), dtype, interpret=False, seed=5)
