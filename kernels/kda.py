@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from kda_jax.kernels import blocks, intra, state_pass
+from kda_jax.kernels import blocks, intra, state_pass, wy
 from kda_jax.ops.chunked import ScanPasses, _diag_blocks, kda_chunked
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
@@ -35,10 +35,13 @@ FUSED_OUTPUT_KV = ((128, 128),)
 # 12.0 ms of kernels (benchmarks/NOTES.md).
 INTRA_KERNEL = True
 # Aqk and L whole (diagonal bands, off-diagonal sub-blocks on the tensor cores, masks) in one kernel
-# (``blocks.gated_blocks``) instead of ``band_lower`` and the XLA around it. Compiled calls keep the
-# XLA form until its GPU tests (tests/kernels/test_blocks_kernel.py and test_mosaic.py with it on)
-# have passed; interpret mode (CPU tests) runs it whenever it is asked for.
-BLOCKS_KERNEL = False
+# (``blocks.gated_blocks``) instead of ``band_lower`` and the XLA around it. Its GPU tests
+# (tests/kernels/test_blocks_kernel.py, 4, and test_mosaic.py ``-k blocks``, 6: bf16 and float32,
+# K = 64/128, packed documents, GVA, −1000 gates) passed on an H200 at commit edb2ece.
+BLOCKS_KERNEL = True
+# W, U, Kd and Qs of the forward in one kernel (``wy.forward_factors``, bf16 out) instead of XLA's
+# float32 passes; the same rule: compiled use after its GPU tests pass.
+FACTORS_KERNEL = False
 
 _SUB = intra.SUB
 _R, _C = np.arange(_SUB)[:, None], np.arange(_SUB)[None, :]
@@ -77,11 +80,12 @@ class MosaicPasses:
     """The ``passes`` interface of ``kda_jax.ops.chunked`` on the state-pass and intra kernels."""
 
     def __init__(self, interpret: bool = False, fused_output: bool | None = None, intra_kernel: bool | None = None,
-                 blocks_kernel: bool | None = None):
+                 blocks_kernel: bool | None = None, factors_kernel: bool | None = None):
         self.interpret = bool(interpret)
         self.fused_output = FUSED_OUTPUT if fused_output is None else bool(fused_output)
         self.intra_kernel = INTRA_KERNEL if intra_kernel is None else bool(intra_kernel)
         self.blocks_kernel = BLOCKS_KERNEL if blocks_kernel is None else bool(blocks_kernel)
+        self.factors_kernel = FACTORS_KERNEL if factors_kernel is None else bool(factors_kernel)
 
     def gated_blocks(self, gating, q, k, qf, kf, beta, zones, scale):
         if not (self.intra_kernel and self.blocks_kernel):
@@ -92,6 +96,18 @@ class MosaicPasses:
         Aqk, L = blocks.gated_blocks(q.astype(k.dtype), k, G.astype(_F32), beta.astype(_F32), zone, scale=scale,
                                      interpret=self.interpret)
         return Aqk.astype(G.dtype), L.astype(G.dtype)
+
+    def forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones, scale):
+        if not self.factors_kernel:
+            return ScanPasses.forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones, scale)
+        if zones.zone is None:
+            reads = writes = jnp.ones((*G.shape[:2], G.shape[-2]), _F32)
+        else:  # rows of the chunk's first document read the incoming state, rows of its last write the outgoing
+            z = zones.zone[:, :, 0, :]
+            reads, writes = (z == 0).astype(_F32), (z == z[..., -1:]).astype(_F32)
+        W, U, Kd, Qs = wy.forward_factors(q.astype(k.dtype), k, v.astype(k.dtype), G.astype(_F32), beta.astype(_F32),
+                                          T.astype(_F32), reads, writes, scale=scale, interpret=self.interpret)
+        return W, U, Kd, zones.carries_state(jnp.exp(G[..., -1, :])), Qs
 
     def intra_diag(self, gating, q, k):
         if not self.intra_kernel:
@@ -135,7 +151,7 @@ class MosaicPasses:
         return dh0, dSn, dVn
 
     def _key(self):
-        return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel)
+        return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel)
 
     def __hash__(self):
         return hash((type(self), self._key()))
@@ -145,15 +161,16 @@ class MosaicPasses:
 
 
 def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, interpret=False,
-               fused_output=None, intra_kernel=None, blocks_kernel=None):
+               fused_output=None, intra_kernel=None, blocks_kernel=None, factors_kernel=None):
     """Canonical inputs (``kda_jax.ops.inputs.canonicalize``) -> (o, final state float32).
 
     Needs chunk_size 64 and K, V multiples of 64 (see ``supports``); ``interpret`` runs the
     kernels on CPU (tests); ``fused_output`` picks the forward kernel that also forms o for calls
     that are not differentiated (default ``FUSED_OUTPUT``); ``intra_kernel`` computes the diagonal sub-blocks of the gated
     products with the ``intra`` kernels (default ``INTRA_KERNEL``); ``blocks_kernel`` forms Aqk and L
-    whole in ``blocks.gated_blocks`` (default ``BLOCKS_KERNEL``; needs ``intra_kernel``).
+    whole in ``blocks.gated_blocks`` (default ``BLOCKS_KERNEL``; needs ``intra_kernel``);
+    ``factors_kernel`` forms the forward's W, U, Kd, Qs in ``wy.forward_factors`` (default ``FACTORS_KERNEL``).
     """
-    passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel)
+    passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel, factors_kernel)
     return kda_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets,
                        chunk_size=chunk_size, passes=passes)

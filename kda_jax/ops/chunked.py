@@ -236,8 +236,11 @@ def _wy(kf, vf, beta, G, T, zones: _Zones):
 
 
 def chunk_outputs(Qs, Aqk, h, Vn):
-    """o = Qs·h + Aqk·Vn per chunk (inter-chunk part from the state h, intra-chunk part from Vn)."""
-    return Qs @ h.astype(Qs.dtype) + Aqk @ Vn.astype(Qs.dtype)
+    """o = Qs·h + Aqk·Vn per chunk (inter-chunk part from the state h, intra-chunk part from Vn),
+    accumulated in float32 at least whatever the operands' dtype."""
+    acc = jnp.promote_types(jnp.promote_types(Qs.dtype, Aqk.dtype), jnp.float32)
+    return (jnp.matmul(Qs, h.astype(Qs.dtype), preferred_element_type=acc)
+            + jnp.matmul(Aqk, Vn.astype(Aqk.dtype), preferred_element_type=acc))
 
 
 class ScanPasses:
@@ -251,6 +254,12 @@ class ScanPasses:
         dtype of G)."""
         P, R = gating.lower(jnp.stack([qf, kf]), kf, self.intra_diag(gating, q, k))
         return zones.pair(scale * P, strict=False), zones.pair(beta[..., None] * R, strict=True)
+
+    def forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones: _Zones, scale):
+        """The forward state pass's operands (W, U, Kd, gend) and Qs = s·Q⊙Γ (``_wy``; q, k, v in
+        their input dtype, the rest in the dtype of G)."""
+        f = _wy(kf, vf, beta, G, T, zones)
+        return f["W"], f["U"], f["Kd"], f["gend"], scale * qf * f["Gamma"]
 
     def intra_diag(self, gating: _Gating, q, k):
         """The 16×16 diagonal sub-blocks of the q·k and k·k gated products, ``[2, ..., nc, 16, 16]``
@@ -343,9 +352,8 @@ def _core_fwd(q, k, v, a, beta, h0, zone, scale, passes):
 def _forward(q, k, v, a, beta, h0, zone, scale, passes, forward_output):
     qf, kf, vf, bf, G, zones = _prepare(q, k, v, a, beta, zone)
     Aqk, T = _intra(q, k, qf, kf, bf, _Gating(G), zones, scale, passes)
-    f = _wy(kf, vf, bf, G, T, zones)
-    o, S_T = forward_output(f["W"], f["U"], f["Kd"], f["gend"], h0.astype(qf.dtype), scale * qf * f["Gamma"], Aqk,
-                            v.dtype)
+    W, U, Kd, gend, Qs = passes.forward_factors(q, k, v, qf, kf, vf, bf, G, T, zones, scale)
+    o, S_T = forward_output(W, U, Kd, gend, h0.astype(qf.dtype), Qs, Aqk, v.dtype)
     return (o.astype(v.dtype), S_T.astype(h0.dtype)), (q, k, v, a, beta, h0, zone, Aqk, T)
 
 

@@ -18,12 +18,13 @@ from tests.ops.helpers import GRAD_NAMES, check_against_oracle, make_inputs, rel
 on_gpu = jax.default_backend() == "gpu"
 
 
-def _mosaic(resets=None, interpret=True, fused_output=None, blocks_kernel=None):
+def _mosaic(resets=None, interpret=True, fused_output=None, blocks_kernel=None, factors_kernel=None):
     from kda_jax.kernels.kda import kda_mosaic
 
     def fn(q, k, v, g, beta, h0):
         return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, initial_state=h0, resets=resets,
-                          interpret=interpret, fused_output=fused_output, blocks_kernel=blocks_kernel)
+                          interpret=interpret, fused_output=fused_output, blocks_kernel=blocks_kernel,
+                          factors_kernel=factors_kernel)
     return fn
 
 
@@ -83,23 +84,24 @@ def test_state_pass_rejects_wrong_operands():
         state_pass.forward_pass(W, W, W, g, h0, interpret=True, bv=48)
 
 
-@pytest.mark.parametrize("shape,dtype,gate,fused,blocks", [
+@pytest.mark.parametrize("shape,dtype,gate,fused,kernels", [
     ((1, 100, 1, 1, 64, 64), jnp.float32, "normal", False, False),      # padding (T not a multiple of 64), h0
     ((1, 130, 1, 2, 64, 128), jnp.bfloat16, "strong", False, False),    # GVA, V = 128, gates of -1000
     ((1, 100, 1, 2, 64, 64), jnp.bfloat16, "strong", True, False),      # the fused-output forward kernel
-    ((1, 130, 1, 2, 64, 64), jnp.float32, "strong", True, True),        # Aqk and L by ``blocks.gated_blocks``
-], ids=["pad-f32", "gva-bf16-strong", "fused-output", "blocks-kernel"])
-def test_interpret_matches_float64_recurrence(shape, dtype, gate, fused, blocks):
+    ((1, 130, 1, 2, 64, 128), jnp.float32, "strong", True, True),       # Aqk, L and W, U, Kd, Qs by kernels
+], ids=["pad-f32", "gva-bf16-strong", "fused-output", "chunk-kernels"])
+def test_interpret_matches_float64_recurrence(shape, dtype, gate, fused, kernels):
     x = make_inputs(*shape, dtype=dtype, gate=gate, seed=sum(shape))
-    check_against_oracle(_mosaic(fused_output=fused, blocks_kernel=blocks), x, label=f"mosaic {shape}", primal=fused)
+    check_against_oracle(_mosaic(fused_output=fused, blocks_kernel=kernels, factors_kernel=kernels), x,
+                         label=f"mosaic {shape}", primal=fused)
 
 
-@pytest.mark.parametrize("blocks", [False, True], ids=["xla-blocks", "blocks-kernel"])
-def test_interpret_packed_documents(blocks):
+@pytest.mark.parametrize("kernels", [False, True], ids=["xla-chunk-pieces", "chunk-kernels"])
+def test_interpret_packed_documents(kernels):
     x = make_inputs(2, 150, 1, 1, 64, 64, dtype=jnp.bfloat16, gate="strong", seed=4)
     resets = resets_from_segment_ids(jnp.asarray(np.stack([_segments(150, [10, 70, 71]), _segments(150, [64, 140])])))
-    check_against_oracle(_mosaic(resets, fused_output=True, blocks_kernel=blocks), x, resets=resets,
-                         label="mosaic segments", primal=True)
+    check_against_oracle(_mosaic(resets, fused_output=True, blocks_kernel=kernels, factors_kernel=kernels), x,
+                         resets=resets, label="mosaic segments", primal=True)
 
 
 def test_fused_output_only_where_not_differentiated(monkeypatch):
@@ -231,6 +233,25 @@ def test_gpu_blocks_kernel_packed_documents_f32():
                                                            _segments(T, [128, 640])])))
     check_against_oracle(_mosaic(resets, interpret=False, blocks_kernel=True), x, resets=resets,
                          label="mosaic blocks gpu packed f32", primal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}T{}H{}HV{}K{}V{}".format(*s))
+def test_gpu_factors_kernel_matches_float64_recurrence(shape):
+    """W, U, Kd, Qs by ``wy.forward_factors`` (``FACTORS_KERNEL``) with Aqk and L by ``blocks``."""
+    x = make_inputs(*shape, dtype=jnp.bfloat16, gate="strong", seed=sum(shape) + 3)
+    check_against_oracle(_mosaic(interpret=False, blocks_kernel=True, factors_kernel=True), x,
+                         label=f"mosaic factors gpu {shape}", primal=True)
+
+
+@pytest.mark.gpu
+def test_gpu_factors_kernel_packed_documents_f32():
+    T = 1000
+    x = make_inputs(2, T, 2, 4, 128, 128, dtype=jnp.float32, gate="strong", seed=72)
+    resets = resets_from_segment_ids(jnp.asarray(np.stack([_segments(T, [1, 37, 64, 500, 999]),
+                                                           _segments(T, [128, 640])])))
+    check_against_oracle(_mosaic(resets, interpret=False, blocks_kernel=True, factors_kernel=True), x, resets=resets,
+                         label="mosaic factors gpu packed f32", primal=True)
 
 
 @pytest.mark.gpu
