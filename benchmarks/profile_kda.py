@@ -82,11 +82,22 @@ def main():
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--bodies", type=int, default=0, help="print the HLO of the top N fusions")
     ap.add_argument("--out")
+    ap.add_argument("--switch", action="append", default=[], metavar="NAME=0|1",
+                    help="set a kernels.kda switch (e.g. FACTORS_KERNEL=1) for this run; repeatable")
     a = ap.parse_args()
+    switches = {}
+    for s in a.switch:
+        import kda_jax.kernels.kda as kk
+
+        name, _, val = s.partition("=")
+        if not isinstance(getattr(kk, name, None), bool) or val not in ("0", "1"):
+            ap.error(f"--switch {s}: not NAME=0|1 for a boolean switch of kda_jax.kernels.kda")
+        setattr(kk, name, val == "1")
+        switches[name] = val == "1"
     args, fns = passes(a.impl, make_inputs(*SHAPES[a.shape]))
     for name, fn in fns.items():
         r = {"gpu": jax.devices()[0].device_kind, "impl": a.impl, "shape": a.shape, "pass": name,
-             "sha": os.environ.get("KDA_JAX_SHA", ""), **profile(fn, args, a.calls, a.top, a.bodies)}
+             "sha": os.environ.get("KDA_JAX_SHA", ""), "switches": switches, **profile(fn, args, a.calls, a.top, a.bodies)}
         print(f"\n== {a.impl} {a.shape} {name}: {r['busy_ms']:.3f} ms busy, {r['kernels_per_call']:.0f} kernels per call")
         for t in r["top"]:
             print(f"{t['ms']:8.3f} ms {t['calls']:5.1f}x  {t['name'][:40]:40s} {t['op'][-110:]}")
