@@ -40,6 +40,9 @@ from kda_jax.kernels.state_pass import _BF16, _F32, _ROW, _WG, _tiled
 SUB = intra.SUB
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column of a WGMMA-layout tile
 BLOCK_D = 64  # channels per wgmma operand tile (bf16 rows of 128 bytes, the widest swizzle)
+# Sets of off-diagonal operand tiles in shared memory: with 2, the next sub-chunk's tiles are formed
+# while the tensor cores read the previous ones.
+OPERAND_BUFFERS = 2
 
 
 def _check(name, x, shape, dtype):
@@ -47,13 +50,17 @@ def _check(name, x, shape, dtype):
         raise ValueError(f"gated_blocks: {name} must be {jnp.dtype(dtype).name}{list(shape)}, got {x.dtype}{list(x.shape)}")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret"))
-def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False):
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "buffers"))
+def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None):
     """``(Aqk, L)``, each ``[N, B, H, C, C]`` float32 (module docstring), from chunk-major
     ``q, k [N, B, H, C, K]`` (bf16 or float32, one dtype), float32 ``G [N, B, H, C, K]``,
     ``beta [N, B, H, C]`` and the zone of each row ``zone [N, B, C]`` (float32 document counts
-    inside the chunk; zeros when there are no documents)."""
+    inside the chunk; zeros when there are no documents); ``buffers``: sets of operand tiles
+    (default ``OPERAND_BUFFERS``)."""
     N, B, H, C, K = intra._operands(q, k, G)
+    buffers = OPERAND_BUFFERS if buffers is None else buffers
+    if buffers not in (1, 2):
+        raise ValueError(f"gated_blocks: buffers must be 1 or 2, got {buffers}")
     _check("beta", beta, (N, B, H, C), _F32)
     _check("zone", zone, (N, B, C), _F32)
     if K % BLOCK_D:
@@ -68,7 +75,7 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False):
 
         def off_diagonal(acc_p, acc_r):
             r = plgpu.broadcasted_iota(jnp.int32, (C, BLOCK_D), 0, layout=_WG)
-            first = True
+            it = 0
             for cb in range(K // BLOCK_D):
                 cs = pl.ds(cb * BLOCK_D, BLOCK_D)
                 load = lambda ref: plgpu.load(ref.at[idx].at[:, cs], layout=_WG, optimized=False).astype(_F32)
@@ -80,15 +87,17 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False):
                     before = r < p * SUB
                     qfac = jnp.exp(jnp.where(rows_p, g - gn, 0.0))
                     kfac = jnp.exp(jnp.where(before, gn - g, 0.0))
-                    if not first:
-                        plgpu.wgmma_wait(0)  # the previous products have read the operand tiles
-                    first = False
-                    xq_s[...] = jnp.where(rows_p, qx * qfac, 0.0).astype(_BF16)
-                    xk_s[...] = jnp.where(rows_p, kx * qfac, 0.0).astype(_BF16)
-                    y_s[...] = jnp.where(before, kx * kfac, 0.0).astype(_BF16)
+                    slot = it % buffers
+                    if it >= buffers:  # the products that read this slot's tiles are done
+                        plgpu.wgmma_wait(2 * (buffers - 1))
+                    it += 1
+                    xq, xk, y = xq_s.at[slot], xk_s.at[slot], y_s.at[slot]
+                    xq[...] = jnp.where(rows_p, qx * qfac, 0.0).astype(_BF16)
+                    xk[...] = jnp.where(rows_p, kx * qfac, 0.0).astype(_BF16)
+                    y[...] = jnp.where(before, kx * kfac, 0.0).astype(_BF16)
                     plgpu.commit_smem()
-                    plgpu.wgmma(acc_p, xq_s, y_s.T)
-                    plgpu.wgmma(acc_r, xk_s, y_s.T)
+                    plgpu.wgmma(acc_p, xq, y.T)
+                    plgpu.wgmma(acc_r, xk, y.T)
             return acc_p[...], acc_r[...]
 
         P, R = pl.run_scoped(off_diagonal, plgpu.ACC((C, C), _F32), plgpu.ACC((C, C), _F32))
@@ -109,7 +118,7 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False):
         l_ref.at[idx][...] = jnp.where((dist > 0) & same, row_vec(b_ref.at[idx]) * R, 0.0)
 
     out = tuple(jax.ShapeDtypeStruct((N, B, H, C, C), _F32) for _ in range(2))
-    scratch = intra.band_scratch(C, k.dtype) + [_tiled((C, BLOCK_D)) for _ in range(3)]
+    scratch = intra.band_scratch(C, k.dtype) + [_tiled((buffers, C, BLOCK_D)) for _ in range(3)]
     kern = intra._kernel(body, name="kda_gated_blocks", interpret=interpret, grid=(N, B, H),
                          grid_names=("n", "b", "h"), out_type=out, scratch_types=scratch)
     return kern(q, k, G, beta, zone)

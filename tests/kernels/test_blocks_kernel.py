@@ -37,13 +37,13 @@ def _reference(q, k, G, beta, zone, scale):
     return scale * np.where((j <= i) & same, P, 0.0), beta[..., None] * np.where((j < i) & same, R, 0.0)
 
 
-def _check(shape, dtype, interpret, seed):
+def _check(shape, dtype, interpret, seed, buffers=None):
     N, B, H, C, K = shape
     q, k, G, rng = _inputs(*shape, dtype, seed)
     beta = jnp.asarray(rng.uniform(0.05, 1.0, (N, B, H, C)), jnp.float32)
     zone = _zones(N, B, C, rng)
     scale = K ** -0.5
-    Aqk, L = blocks.gated_blocks(q, k, G, beta, jnp.asarray(zone), scale=scale, interpret=interpret)
+    Aqk, L = blocks.gated_blocks(q, k, G, beta, jnp.asarray(zone), scale=scale, interpret=interpret, buffers=buffers)
     diag = np.arange(C)[:, None] - np.arange(C)[None, :] < SUB  # the exact bands (float32 sums), δ < 16
     for name, got, want in zip(("Aqk", "L"), (Aqk, L), _reference(q, k, G, beta, zone, scale)):
         got = np.asarray(got, np.float64)
@@ -61,9 +61,10 @@ def _check(shape, dtype, interpret, seed):
         assert rel < 4e-3, f"{name}: off-diagonal relative RMSE {rel:.2e}"
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-def test_interpret_matches_float64(dtype):
-    _check((3, 1, 2, 64, 64), dtype, interpret=True, seed=3)
+@pytest.mark.parametrize("dtype,buffers", [(jnp.bfloat16, 1), (jnp.bfloat16, 2), (jnp.float32, None)],
+                         ids=["bf16-1", "bf16-2", "f32"])
+def test_interpret_matches_float64(dtype, buffers):
+    _check((3, 1, 2, 64, 128), dtype, interpret=True, seed=3, buffers=buffers)
 
 
 def test_rejects_wrong_operands():
@@ -81,8 +82,9 @@ def test_rejects_wrong_operands():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("buffers", [1, 2])
 @pytest.mark.parametrize("K", [64, 128])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-def test_gpu_matches_float64(dtype, K):
+def test_gpu_matches_float64(dtype, K, buffers):
     assert jax.default_backend() == "gpu"
-    _check((3, 2, 4, 64, K), dtype, interpret=False, seed=5)
+    _check((3, 2, 4, 64, K), dtype, interpret=False, seed=5, buffers=buffers)
