@@ -39,7 +39,11 @@ from kda_jax.kernels.state_pass import _BF16, _F32, _ROW, _WG, _tiled
 
 SUB = intra.SUB
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column of a WGMMA-layout tile
-BLOCK_D = 64  # channels per wgmma operand tile (bf16 rows of 128 bytes, the widest swizzle)
+BLOCK_D = 64  # channels per wgmma operand tile where a kernel names no other (bf16 rows of 128 bytes)
+# Channels per off-diagonal operand tile of ``gated_blocks``, and the widths it accepts. At 64 the
+# kernel needed 255 registers and spilled (ptxas, H200): one CTA of 128 threads per SM.
+OFF_BLOCK_D = 32
+OFF_BLOCK_CHOICES = (32, 64)
 # Sets of off-diagonal operand tiles in shared memory: with 2, the next sub-chunk's tiles are formed
 # while the tensor cores read the previous ones.
 OPERAND_BUFFERS = 2
@@ -50,21 +54,25 @@ def _check(name, x, shape, dtype):
         raise ValueError(f"gated_blocks: {name} must be {jnp.dtype(dtype).name}{list(shape)}, got {x.dtype}{list(x.shape)}")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "buffers"))
-def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None):
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "buffers", "block_d"))
+def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, block_d=None):
     """``(Aqk, L)``, each ``[N, B, H, C, C]`` float32 (module docstring), from chunk-major
     ``q, k [N, B, H, C, K]`` (bf16 or float32, one dtype), float32 ``G [N, B, H, C, K]``,
     ``beta [N, B, H, C]`` and the zone of each row ``zone [N, B, C]`` (float32 document counts
     inside the chunk; zeros when there are no documents); ``buffers``: sets of operand tiles
-    (default ``OPERAND_BUFFERS``)."""
+    (default ``OPERAND_BUFFERS``); ``block_d``: channels per off-diagonal operand tile (default
+    ``OFF_BLOCK_D``)."""
     N, B, H, C, K = intra._operands(q, k, G)
     buffers = OPERAND_BUFFERS if buffers is None else buffers
     if buffers not in (1, 2):
         raise ValueError(f"gated_blocks: buffers must be 1 or 2, got {buffers}")
+    bd = OFF_BLOCK_D if block_d is None else block_d
+    if bd not in OFF_BLOCK_CHOICES:
+        raise ValueError(f"gated_blocks: block_d must be one of {OFF_BLOCK_CHOICES}, got {block_d}")
     _check("beta", beta, (N, B, H, C), _F32)
     _check("zone", zone, (N, B, C), _F32)
-    if K % BLOCK_D:
-        raise ValueError(f"gated_blocks needs K a multiple of {BLOCK_D}; got K={K}")
+    if K % 64:
+        raise ValueError(f"gated_blocks needs K a multiple of 64; got K={K}")
     nc = C // SUB
 
     def body(q_ref, k_ref, g_ref, b_ref, z_ref, a_ref, l_ref, k_s, g_s, o_s, xq_s, xk_s, y_s):
@@ -74,15 +82,15 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None):
                         o_s)
 
         def off_diagonal(acc_p, acc_r):
-            r = plgpu.broadcasted_iota(jnp.int32, (C, BLOCK_D), 0, layout=_WG)
+            r = plgpu.broadcasted_iota(jnp.int32, (C, bd), 0, layout=_WG)
             it = 0
-            for cb in range(K // BLOCK_D):
-                cs = pl.ds(cb * BLOCK_D, BLOCK_D)
+            for cb in range(K // bd):
+                cs = pl.ds(cb * bd, bd)
                 load = lambda ref: plgpu.load(ref.at[idx].at[:, cs], layout=_WG, optimized=False).astype(_F32)
                 g, qx, kx = load(g_ref), load(q_ref), load(k_ref)
                 for p in range(1, nc):
                     gn = plgpu.load(g_ref.at[idx].at[p * SUB, cs], layout=_COL, optimized=False)
-                    gn = lax.broadcast_in_dim(gn, (C, BLOCK_D), [1])
+                    gn = lax.broadcast_in_dim(gn, (C, bd), [1])
                     rows_p = (r >= p * SUB) & (r < (p + 1) * SUB)
                     before = r < p * SUB
                     qfac = jnp.exp(jnp.where(rows_p, g - gn, 0.0))
@@ -118,7 +126,7 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None):
         l_ref.at[idx][...] = jnp.where((dist > 0) & same, row_vec(b_ref.at[idx]) * R, 0.0)
 
     out = tuple(jax.ShapeDtypeStruct((N, B, H, C, C), _F32) for _ in range(2))
-    scratch = intra.band_scratch(C, k.dtype) + [_tiled((buffers, C, BLOCK_D)) for _ in range(3)]
+    scratch = intra.band_scratch(C, k.dtype) + [_tiled((buffers, C, bd)) for _ in range(3)]
     kern = intra._kernel(body, name="kda_gated_blocks", interpret=interpret, grid=(N, B, H),
                          grid_names=("n", "b", "h"), out_type=out, scratch_types=scratch)
     return kern(q, k, G, beta, zone)

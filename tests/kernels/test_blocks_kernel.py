@@ -37,13 +37,14 @@ def _reference(q, k, G, beta, zone, scale):
     return scale * np.where((j <= i) & same, P, 0.0), beta[..., None] * np.where((j < i) & same, R, 0.0)
 
 
-def _check(shape, dtype, interpret, seed, buffers=None):
+def _check(shape, dtype, interpret, seed, buffers=None, block_d=None):
     N, B, H, C, K = shape
     q, k, G, rng = _inputs(*shape, dtype, seed)
     beta = jnp.asarray(rng.uniform(0.05, 1.0, (N, B, H, C)), jnp.float32)
     zone = _zones(N, B, C, rng)
     scale = K ** -0.5
-    Aqk, L = blocks.gated_blocks(q, k, G, beta, jnp.asarray(zone), scale=scale, interpret=interpret, buffers=buffers)
+    Aqk, L = blocks.gated_blocks(q, k, G, beta, jnp.asarray(zone), scale=scale, interpret=interpret, buffers=buffers,
+                                 block_d=block_d)
     diag = np.arange(C)[:, None] - np.arange(C)[None, :] < SUB  # the exact bands (float32 sums), δ < 16
     for name, got, want in zip(("Aqk", "L"), (Aqk, L), _reference(q, k, G, beta, zone, scale)):
         got = np.asarray(got, np.float64)
@@ -61,10 +62,10 @@ def _check(shape, dtype, interpret, seed, buffers=None):
         assert rel < 4e-3, f"{name}: off-diagonal relative RMSE {rel:.2e}"
 
 
-@pytest.mark.parametrize("dtype,buffers", [(jnp.bfloat16, 1), (jnp.bfloat16, 2), (jnp.float32, None)],
-                         ids=["bf16-1", "bf16-2", "f32"])
-def test_interpret_matches_float64(dtype, buffers):
-    _check((3, 1, 2, 64, 128), dtype, interpret=True, seed=3, buffers=buffers)
+@pytest.mark.parametrize("dtype,buffers,block_d", [(jnp.bfloat16, 1, 64), (jnp.bfloat16, 2, 32), (jnp.float32, None, None)],
+                         ids=["bf16-1-64", "bf16-2-32", "f32"])
+def test_interpret_matches_float64(dtype, buffers, block_d):
+    _check((3, 1, 2, 64, 128), dtype, interpret=True, seed=3, buffers=buffers, block_d=block_d)
 
 
 def test_rejects_wrong_operands():
@@ -82,9 +83,9 @@ def test_rejects_wrong_operands():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("buffers", [1, 2])
+@pytest.mark.parametrize("buffers,block_d", [(1, 64), (2, 64), (2, 32)])
 @pytest.mark.parametrize("K", [64, 128])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32], ids=["bf16", "f32"])
-def test_gpu_matches_float64(dtype, K, buffers):
+def test_gpu_matches_float64(dtype, K, buffers, block_d):
     assert jax.default_backend() == "gpu"
-    _check((3, 2, 4, 64, K), dtype, interpret=False, seed=5, buffers=buffers)
+    _check((3, 2, 4, 64, K), dtype, interpret=False, seed=5, buffers=buffers, block_d=block_d)
