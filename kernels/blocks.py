@@ -41,12 +41,14 @@ SUB = intra.SUB
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column of a WGMMA-layout tile
 BLOCK_D = 64  # channels per wgmma operand tile where a kernel names no other (bf16 rows of 128 bytes)
 # Channels per off-diagonal operand tile of ``gated_blocks``, and the widths it accepts. At 64 the
-# kernel needed 255 registers and spilled (ptxas, H200): one CTA of 128 threads per SM.
-OFF_BLOCK_D = 32
+# kernel needs 255 registers (12 bytes spilled), at 32 181 (none), but both allow two CTAs per SM and
+# took the same time (benchmarks/NOTES.md v7); 64 is the setting the whole op's GPU tests ran with.
+OFF_BLOCK_D = 64
 OFF_BLOCK_CHOICES = (32, 64)
 # Sets of off-diagonal operand tiles in shared memory: with 2, the next sub-chunk's tiles are formed
-# while the tensor cores read the previous ones.
-OPERAND_BUFFERS = 2
+# while the tensor cores read the previous ones. 1 and 2 took the same time (0.71 ms at the mid shape,
+# H200, benchmarks/chunk_kernels.py); 1 is the setting the whole op's GPU tests ran with (edb2ece).
+OPERAND_BUFFERS = 1
 
 
 def _check(name, x, shape, dtype):

@@ -1,14 +1,16 @@
-"""Chunked KDA with its serial passes and its exact diagonal blocks on Mosaic GPU kernels.
+"""Chunked KDA with its serial passes and its gated intra-chunk products on Mosaic GPU kernels.
 
-``kda_mosaic`` is ``kda_jax.ops.chunked.kda_chunked`` with ``passes=MosaicPasses()``: the
-parallel-over-chunks algebra (gating, the off-diagonal sub-blocks, the triangular inverse, W/U/Kd,
-outputs and the gradients that follow from the chunk states) is the same XLA code as the
-``chunked`` implementation, so the two share one backward. Kernels run the two recurrences over
-the chunks (forward states and the reverse sweep of dS, ``state_pass``) and the exact 16×16
-diagonal sub-blocks of the gated products and their adjoints (``intra``; they work on "bands",
-``band[δ, i] = M[i, i − δ]``, converted from and to blocks here by static gathers). Operands the
-state passes read are rounded to bf16 (the state stays float32), so float32 inputs give bf16-level
-agreement, within the thresholds of kda_spec §5.3; the diagonal blocks are float32 sums.
+``kda_mosaic`` is ``kda_jax.ops.chunked.kda_chunked`` with ``passes=MosaicPasses()``: the same
+chunked algorithm and one backward, with pieces of it moved onto kernels. Kernels run the two
+recurrences over the chunks (forward states and the reverse sweep of dS, ``state_pass``), Aqk and
+L whole in the forward (``blocks``: the exact diagonal bands and the off-diagonal sub-blocks on
+the tensor cores, masks included) and the diagonal sub-blocks' adjoints in the backward
+(``intra``; "bands" ``band[δ, i] = M[i, i − δ]``, converted from and to blocks here by static
+gathers); ``wy`` can form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off). The triangular
+inverse, the gating factors of the backward and the gradients that follow from the chunk states
+stay XLA. Operands the state passes and the tensor-core products read are rounded to bf16 (the
+state and all accumulations stay float32), so float32 inputs give bf16-level agreement, within the
+thresholds of kda_spec §5.3; the diagonal bands are float32 sums.
 """
 
 from __future__ import annotations
@@ -37,10 +39,15 @@ INTRA_KERNEL = True
 # Aqk and L whole (diagonal bands, off-diagonal sub-blocks on the tensor cores, masks) in one kernel
 # (``blocks.gated_blocks``) instead of ``band_lower`` and the XLA around it. Its GPU tests
 # (tests/kernels/test_blocks_kernel.py, 4, and test_mosaic.py ``-k blocks``, 6: bf16 and float32,
-# K = 64/128, packed documents, GVA, −1000 gates) passed on an H200 at commit edb2ece.
+# K = 64/128, packed documents, GVA, −1000 gates) passed on an H200 at commit edb2ece; at the mid
+# shape the op's kernels went 2.08 → 1.98 ms forward and 5.94 → 5.68 ms forward+backward (profiler,
+# H200; benchmarks/NOTES.md v7).
 BLOCKS_KERNEL = True
 # W, U, Kd and Qs of the forward in one kernel (``wy.forward_factors``, bf16 out) instead of XLA's
-# float32 passes; the same rule: compiled use after its GPU tests pass.
+# float32 passes. Its GPU tests (tests/kernels/test_wy_kernel.py, 4, and test_mosaic.py ``-k factors``,
+# 6) passed on an H200 at e667e9f, but it was not faster: 0.32 ms of kernel for the 0.32 ms of XLA it
+# replaces at the mid shape (benchmarks/NOTES.md v8), so it stays off; a building block of the fused
+# forward (NOTES "Next").
 FACTORS_KERNEL = False
 
 _SUB = intra.SUB

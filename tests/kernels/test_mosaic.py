@@ -84,23 +84,23 @@ def test_state_pass_rejects_wrong_operands():
         state_pass.forward_pass(W, W, W, g, h0, interpret=True, bv=48)
 
 
-@pytest.mark.parametrize("shape,dtype,gate,fused,kernels", [
-    ((1, 100, 1, 1, 64, 64), jnp.float32, "normal", False, False),      # padding (T not a multiple of 64), h0
-    ((1, 130, 1, 2, 64, 128), jnp.bfloat16, "strong", False, False),    # GVA, V = 128, gates of -1000
-    ((1, 100, 1, 2, 64, 64), jnp.bfloat16, "strong", True, False),      # the fused-output forward kernel
-    ((1, 130, 1, 2, 64, 128), jnp.float32, "strong", True, True),       # Aqk, L and W, U, Kd, Qs by kernels
-], ids=["pad-f32", "gva-bf16-strong", "fused-output", "chunk-kernels"])
-def test_interpret_matches_float64_recurrence(shape, dtype, gate, fused, kernels):
+@pytest.mark.parametrize("shape,dtype,gate,fused,blocks,factors", [
+    ((1, 100, 1, 1, 64, 64), jnp.float32, "normal", False, False, False),  # padding (T % 64 ≠ 0), h0; Aqk, L in XLA
+    ((1, 130, 1, 2, 64, 128), jnp.bfloat16, "strong", False, True, False),  # GVA, V = 128, gates of -1000
+    ((1, 100, 1, 2, 64, 64), jnp.bfloat16, "strong", True, True, False),    # the fused-output forward kernel
+    ((1, 130, 1, 2, 64, 128), jnp.float32, "strong", True, True, True),     # W, U, Kd, Qs by ``wy`` too
+], ids=["pad-f32-xla-blocks", "gva-bf16-strong", "fused-output", "factors-kernel"])
+def test_interpret_matches_float64_recurrence(shape, dtype, gate, fused, blocks, factors):
     x = make_inputs(*shape, dtype=dtype, gate=gate, seed=sum(shape))
-    check_against_oracle(_mosaic(fused_output=fused, blocks_kernel=kernels, factors_kernel=kernels), x,
+    check_against_oracle(_mosaic(fused_output=fused, blocks_kernel=blocks, factors_kernel=factors), x,
                          label=f"mosaic {shape}", primal=fused)
 
 
-@pytest.mark.parametrize("kernels", [False, True], ids=["xla-chunk-pieces", "chunk-kernels"])
-def test_interpret_packed_documents(kernels):
+@pytest.mark.parametrize("blocks,factors", [(False, False), (True, True)], ids=["xla-chunk-pieces", "chunk-kernels"])
+def test_interpret_packed_documents(blocks, factors):
     x = make_inputs(2, 150, 1, 1, 64, 64, dtype=jnp.bfloat16, gate="strong", seed=4)
     resets = resets_from_segment_ids(jnp.asarray(np.stack([_segments(150, [10, 70, 71]), _segments(150, [64, 140])])))
-    check_against_oracle(_mosaic(resets, fused_output=True, blocks_kernel=kernels, factors_kernel=kernels), x,
+    check_against_oracle(_mosaic(resets, fused_output=True, blocks_kernel=blocks, factors_kernel=factors), x,
                          resets=resets, label="mosaic segments", primal=True)
 
 
