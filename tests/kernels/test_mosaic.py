@@ -216,42 +216,30 @@ def test_gpu_fused_output_packed_documents_h0(dtype):
                          label=f"mosaic fused gpu packed {jnp.dtype(dtype).name}", primal=True)
 
 
+# the chunk-parallel kernels: Aqk and L by ``blocks.gated_blocks`` (``BLOCKS_KERNEL``), and with them
+# W, U, Kd, Qs by ``wy.forward_factors`` (``FACTORS_KERNEL``); name -> (switches, seed offset)
+_CHUNK_KERNELS = {"blocks": (dict(blocks_kernel=True), 0), "factors": (dict(blocks_kernel=True, factors_kernel=True), 1)}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernels", list(_CHUNK_KERNELS))
 @pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}T{}H{}HV{}K{}V{}".format(*s))
-def test_gpu_blocks_kernel_matches_float64_recurrence(shape):
-    """Aqk and L by ``blocks.gated_blocks`` (``BLOCKS_KERNEL``), before it becomes the default."""
-    x = make_inputs(*shape, dtype=jnp.bfloat16, gate="strong", seed=sum(shape) + 2)
-    check_against_oracle(_mosaic(interpret=False, blocks_kernel=True), x, label=f"mosaic blocks gpu {shape}",
-                         primal=True)
+def test_gpu_chunk_kernels_match_float64_recurrence(shape, kernels):
+    switches, off = _CHUNK_KERNELS[kernels]
+    x = make_inputs(*shape, dtype=jnp.bfloat16, gate="strong", seed=sum(shape) + 2 + off)
+    check_against_oracle(_mosaic(interpret=False, **switches), x, label=f"mosaic {kernels} gpu {shape}", primal=True)
 
 
 @pytest.mark.gpu
-def test_gpu_blocks_kernel_packed_documents_f32():
+@pytest.mark.parametrize("kernels", list(_CHUNK_KERNELS))
+def test_gpu_chunk_kernels_packed_documents_f32(kernels):
+    switches, off = _CHUNK_KERNELS[kernels]
     T = 1000
-    x = make_inputs(2, T, 2, 4, 128, 128, dtype=jnp.float32, gate="strong", seed=71)
+    x = make_inputs(2, T, 2, 4, 128, 128, dtype=jnp.float32, gate="strong", seed=71 + off)
     resets = resets_from_segment_ids(jnp.asarray(np.stack([_segments(T, [1, 37, 64, 500, 999]),
                                                            _segments(T, [128, 640])])))
-    check_against_oracle(_mosaic(resets, interpret=False, blocks_kernel=True), x, resets=resets,
-                         label="mosaic blocks gpu packed f32", primal=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}T{}H{}HV{}K{}V{}".format(*s))
-def test_gpu_factors_kernel_matches_float64_recurrence(shape):
-    """W, U, Kd, Qs by ``wy.forward_factors`` (``FACTORS_KERNEL``) with Aqk and L by ``blocks``."""
-    x = make_inputs(*shape, dtype=jnp.bfloat16, gate="strong", seed=sum(shape) + 3)
-    check_against_oracle(_mosaic(interpret=False, blocks_kernel=True, factors_kernel=True), x,
-                         label=f"mosaic factors gpu {shape}", primal=True)
-
-
-@pytest.mark.gpu
-def test_gpu_factors_kernel_packed_documents_f32():
-    T = 1000
-    x = make_inputs(2, T, 2, 4, 128, 128, dtype=jnp.float32, gate="strong", seed=72)
-    resets = resets_from_segment_ids(jnp.asarray(np.stack([_segments(T, [1, 37, 64, 500, 999]),
-                                                           _segments(T, [128, 640])])))
-    check_against_oracle(_mosaic(resets, interpret=False, blocks_kernel=True, factors_kernel=True), x, resets=resets,
-                         label="mosaic factors gpu packed f32", primal=True)
+    check_against_oracle(_mosaic(resets, interpret=False, **switches), x, resets=resets,
+                         label=f"mosaic {kernels} gpu packed f32", primal=True)
 
 
 @pytest.mark.gpu
