@@ -113,42 +113,27 @@ def _chunked_with_unroll(unroll):
     return f
 
 
-def _mosaic_fused_output(q, k, v, g, beta):
-    """The Mosaic path with the forward kernel that forms o itself (kernels/kda.py FUSED_OUTPUT; it
-    serves undifferentiated calls only, so its fwd+bwd row is the plain path's)."""
-    from kda_jax.kernels.kda import kda_mosaic
+def _mosaic_with(**switches):
+    """The Mosaic path with ``kda_mosaic``'s switches (kernels/kda.py) set for this implementation."""
 
-    return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, fused_output=True)[0]
+    def f(q, k, v, g, beta):
+        from kda_jax.kernels.kda import kda_mosaic
 
-
-def _mosaic_factors_kernel(q, k, v, g, beta):
-    """The Mosaic path with W, U, Kd, Qs formed by ``wy.forward_factors`` (kernels/kda.py FACTORS_KERNEL)."""
-    from kda_jax.kernels.kda import kda_mosaic
-
-    return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, factors_kernel=True)[0]
-
-
-def _mosaic_xla_blocks(q, k, v, g, beta):
-    """The Mosaic path with Aqk and L around ``band_lower`` in XLA (kernels/kda.py BLOCKS_KERNEL off)."""
-    from kda_jax.kernels.kda import kda_mosaic
-
-    return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, blocks_kernel=False)[0]
-
-
-def _mosaic_xla_diag(q, k, v, g, beta):
-    """The Mosaic path with the diagonal sub-blocks in XLA (kernels/kda.py INTRA_KERNEL off)."""
-    from kda_jax.kernels.kda import kda_mosaic
-
-    return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, intra_kernel=False)[0]
+        return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, **switches)[0]
+    return f
 
 
 def jax_impls(unroll_ablation=False):
     impls = {"kda_jax.chunked": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="chunked")[0],
              "kda_jax.mosaic": lambda q, k, v, g, beta: kda(q, k, v, g, beta, impl="mosaic")[0],
-             "kda_jax.mosaic[fused_output]": _mosaic_fused_output,
-             "kda_jax.mosaic[factors_kernel]": _mosaic_factors_kernel,
-             "kda_jax.mosaic[xla_blocks]": _mosaic_xla_blocks,
-             "kda_jax.mosaic[xla_diag]": _mosaic_xla_diag}
+             # undifferentiated calls form o in the state kernel (FUSED_OUTPUT; fwd+bwd is the plain path's)
+             "kda_jax.mosaic[fused_output]": _mosaic_with(fused_output=True),
+             # W, U, Kd, Qs by ``wy.forward_factors`` (FACTORS_KERNEL)
+             "kda_jax.mosaic[factors_kernel]": _mosaic_with(factors_kernel=True),
+             # Aqk and L around ``band_lower`` in XLA (BLOCKS_KERNEL off)
+             "kda_jax.mosaic[xla_blocks]": _mosaic_with(blocks_kernel=False),
+             # the diagonal sub-blocks in XLA (INTRA_KERNEL off)
+             "kda_jax.mosaic[xla_diag]": _mosaic_with(intra_kernel=False)}
     if unroll_ablation:
         impls["kda_jax.chunked[unroll=1]"] = _chunked_with_unroll(1)
     try:

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kda_jax.kernels import intra
-from kda_jax.kernels.state_pass import _BF16, _F32, _ROW, _WG, _tiled
+from kda_jax.kernels.state_pass import _BF16, _F32, _ROW, _WG, _tiled, check_operand
 
 SUB = intra.SUB
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column of a WGMMA-layout tile
@@ -51,9 +51,7 @@ OFF_BLOCK_CHOICES = (32, 64)
 OPERAND_BUFFERS = 1
 
 
-def _check(name, x, shape, dtype):
-    if x.shape != shape or x.dtype != jnp.dtype(dtype):
-        raise ValueError(f"gated_blocks: {name} must be {jnp.dtype(dtype).name}{list(shape)}, got {x.dtype}{list(x.shape)}")
+_check = functools.partial(check_operand, "gated_blocks")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "buffers", "block_d"))

@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kda_jax.kernels.state_pass import _F32, _ROW, _WG, BLOCK_V, _kernel, _tiled
+from kda_jax.kernels.state_pass import _F32, _ROW, _WG, BLOCK_V, _kernel, _tiled, check_operand
 
 _COL = plgpu.Layout.WGMMA.reduce(0)  # a vector over V (the columns of the state tile)
 STAGES = 4  # shared-memory ring depth: stages − 2 tile loads in flight, one store draining
@@ -44,8 +44,7 @@ _H100_SMS = 132
 
 
 def _check(name, x, shape):
-    if x.shape != shape or x.dtype != jnp.dtype(_F32):
-        raise ValueError(f"decode kernel: {name} must be float32{list(shape)}, got {x.dtype}{list(x.shape)}")
+    check_operand("decode kernel", name, x, shape, _F32)
 
 
 def _num_sms():

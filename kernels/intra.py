@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kda_jax.kernels.state_pass import _F32, _ROW, _WG
+from kda_jax.kernels.state_pass import _F32, _ROW, _WG, check_operand
 from kda_jax.kernels.state_pass import _kernel as _plain_kernel
 
 SUB = 16
@@ -51,10 +51,7 @@ def _kernel(body, **kw):
     return _plain_kernel(body, approx_math=APPROX_EXP, **kw)
 
 
-def _check(name, x, shape, dtypes):
-    if x.shape != shape or x.dtype not in [jnp.dtype(d) for d in dtypes]:
-        names = "/".join(jnp.dtype(d).name for d in dtypes)
-        raise ValueError(f"intra kernel: {name} must be {names}{list(shape)}, got {x.dtype}{list(x.shape)}")
+_check = functools.partial(check_operand, "intra kernel")
 
 
 def _operands(q, k, G):

@@ -107,11 +107,8 @@ class MosaicPasses:
     def forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones, scale):
         if not self.factors_kernel:
             return ScanPasses.forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones, scale)
-        if zones.zone is None:
-            reads = writes = jnp.ones((*G.shape[:2], G.shape[-2]), _F32)
-        else:  # rows of the chunk's first document read the incoming state, rows of its last write the outgoing
-            z = zones.zone[:, :, 0, :]
-            reads, writes = (z == 0).astype(_F32), (z == z[..., -1:]).astype(_F32)
+        rows = lambda m: (jnp.ones((*G.shape[:2], G.shape[-2]), _F32) if m is None else m[:, :, 0, :].astype(_F32))
+        reads, writes = rows(zones.reading_rows()), rows(zones.writing_rows())
         W, U, Kd, Qs = wy.forward_factors(q.astype(k.dtype), k, v.astype(k.dtype), G.astype(_F32), beta.astype(_F32),
                                           T.astype(_F32), reads, writes, scale=scale, interpret=self.interpret)
         return W, U, Kd, zones.carries_state(jnp.exp(G[..., -1, :])), Qs

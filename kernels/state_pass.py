@@ -78,9 +78,15 @@ def _mm(shape, *pairs):
     return pl.run_scoped(scoped, plgpu.ACC(shape, _F32))
 
 
-def _check(name, x, shape, dtype):
-    if x.shape != shape or x.dtype != jnp.dtype(dtype):
-        raise ValueError(f"state pass: {name} must be {jnp.dtype(dtype).name}{list(shape)}, got {x.dtype}{list(x.shape)}")
+def check_operand(kernel, name, x, shape, dtypes):
+    """ValueError naming ``kernel`` and operand ``name`` unless x has ``shape`` and one of ``dtypes``."""
+    dtypes = [jnp.dtype(d) for d in (dtypes if isinstance(dtypes, (tuple, list)) else (dtypes,))]
+    if x.shape != tuple(shape) or x.dtype not in dtypes:
+        names = "/".join(d.name for d in dtypes)
+        raise ValueError(f"{kernel}: {name} must be {names}{list(shape)}, got {x.dtype}{list(x.shape)}")
+
+
+_check = functools.partial(check_operand, "state pass")
 
 
 @functools.partial(jax.jit, static_argnames=("interpret", "bv"))

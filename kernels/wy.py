@@ -26,13 +26,10 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kda_jax.kernels import intra
 from kda_jax.kernels.blocks import _COL, BLOCK_D
-from kda_jax.kernels.state_pass import _BF16, _F32, _ROW, _WG, _mm, _tiled
+from kda_jax.kernels.state_pass import _BF16, _F32, _ROW, _WG, _mm, _tiled, check_operand
 
 
-def _check(name, x, shape, dtypes):
-    if x.shape != shape or x.dtype not in [jnp.dtype(d) for d in dtypes]:
-        names = "/".join(jnp.dtype(d).name for d in dtypes)
-        raise ValueError(f"forward_factors: {name} must be {names}{list(shape)}, got {x.dtype}{list(x.shape)}")
+_check = functools.partial(check_operand, "forward_factors")
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret"))

@@ -105,11 +105,17 @@ class _Zones:
             keep = keep & (self.zone[..., :, None] == self.zone[..., None, :])
         return jnp.where(keep, M, 0.0)
 
+    def reading_rows(self) -> jax.Array | None:  # [N, B, 1, C] bool: rows of the first zone (None: all)
+        return None if self.zone is None else self.zone == 0
+
+    def writing_rows(self) -> jax.Array | None:  # [N, B, 1, C] bool: rows of the last zone (None: all)
+        return None if self.zone is None else self.zone == self.zone[..., -1:]
+
     def reads_state(self, x: jax.Array) -> jax.Array:  # rows of the first zone, x [..., C, D]
-        return x if self.zone is None else jnp.where((self.zone == 0)[..., None], x, 0.0)
+        return x if self.zone is None else jnp.where(self.reading_rows()[..., None], x, 0.0)
 
     def writes_state(self, x: jax.Array) -> jax.Array:  # rows of the last zone
-        return x if self.zone is None else jnp.where((self.zone == self.zone[..., -1:])[..., None], x, 0.0)
+        return x if self.zone is None else jnp.where(self.writing_rows()[..., None], x, 0.0)
 
     def carries_state(self, x: jax.Array) -> jax.Array:  # x [..., K]: zero if the chunk has a boundary
         return x if self.zone is None else jnp.where(self.zone[..., -1:] == 0, x, 0.0)
