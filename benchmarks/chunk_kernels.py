@@ -1,9 +1,10 @@
 """Kernel-alone timings of the chunk-parallel kernels at one standard shape, side by side in one run.
 
-``blocks.gated_blocks`` at each operand-tile width and buffer count it accepts (outputs checked
-bitwise equal across them), ``intra.band_lower`` (the part of it that ``INTRA_KERNEL`` alone ran)
-and ``wy.forward_factors``. Each figure is the best of three rounds of ``--iters`` calls issued
-back to back with one wait. Needs a GPU.
+``blocks.gated_blocks`` at each operand-tile width and buffer count it accepts, ``intra.band_lower``
+(the part of it that ``INTRA_KERNEL`` alone ran) and ``intra.band_adjoint``, each with its operands
+staged in shared memory by TMA and without (``intra.STAGE_OPERANDS``; outputs checked bitwise
+equal across the variants of a kernel), and ``wy.forward_factors``. Each figure is the best of
+three rounds of ``--iters`` calls issued back to back with one wait. Needs a GPU.
 
     python benchmarks/chunk_kernels.py --shape mid --out benchmarks/results/chunk_kernels_<gpu>.json
 """
@@ -41,6 +42,7 @@ def inputs(B, T, seed=0):
              beta=jnp.asarray(rng.uniform(0, 1, (N, B, H, C)), jnp.float32),
              zone=jnp.zeros((N, B, C), jnp.float32), ones=jnp.ones((N, B, C), jnp.float32))
     L = np.tril(rng.uniform(-0.3, 0.3, (C, C)), -1)
+    x["bands"] = jnp.asarray(rng.standard_normal((N, B, H, 2, 16, C)), jnp.float32)
     x["T"] = jnp.asarray(np.broadcast_to(np.linalg.inv(np.eye(C) + L), (N, B, H, C, C)), jnp.float32)
     return x
 
@@ -68,23 +70,28 @@ def main():
     B, T = SHAPES[a.shape]
     x = inputs(B, T)
     s = K ** -0.5
-    fns = {"band_lower": lambda: intra.band_lower(x["q"], x["k"], x["G"])}
-    for bd in blocks.OFF_BLOCK_CHOICES:
-        for nb in (1, 2):
-            fns[f"gated_blocks[block_d={bd},buffers={nb}]"] = (
-                lambda bd=bd, nb=nb: blocks.gated_blocks(x["q"], x["k"], x["G"], x["beta"], x["zone"], scale=s,
-                                                         buffers=nb, block_d=bd))
+    fns = {}
+    for st in (False, True):
+        fns[f"band_lower[stage={int(st)}]"] = lambda st=st: intra.band_lower(x["q"], x["k"], x["G"], stage=st)
+        fns[f"band_adjoint[stage={int(st)}]"] = lambda st=st: intra.band_adjoint(
+            x["q"], x["k"], x["G"], x["bands"], x["bands"], stage=st)[2]
+        for bd in blocks.OFF_BLOCK_CHOICES:
+            for nb in (1, 2):
+                fns[f"gated_blocks[block_d={bd},buffers={nb},stage={int(st)}]"] = (
+                    lambda bd=bd, nb=nb, st=st: blocks.gated_blocks(x["q"], x["k"], x["G"], x["beta"], x["zone"],
+                                                                    scale=s, buffers=nb, block_d=bd, stage=st)[0])
     fns["forward_factors"] = lambda: wy.forward_factors(x["q"], x["k"], x["v"], x["G"], x["beta"], x["T"], x["ones"],
                                                         x["ones"], scale=s)
-    first = None
+    first = {}
     ms = {}
     for name, fn in fns.items():
         ms[name] = rate(fn, a.iters)
-        if name.startswith("gated_blocks"):
-            out = np.asarray(fn()[0])
-            first = out if first is None else first
-            if not np.array_equal(out, first):
-                raise SystemExit(f"{name}: Aqk differs from the first gated_blocks variant")
+        kernel = name.split("[")[0]
+        if kernel != "forward_factors":
+            out = np.asarray(fn())
+            ref = first.setdefault(kernel, out)
+            if not np.array_equal(out, ref):
+                raise SystemExit(f"{name}: output differs from the first {kernel} variant")
         print(f"{name:40s} {ms[name]:.3f} ms", flush=True)
     gpu = jax.devices()[0].device_kind
     out = a.out or os.path.join(os.path.dirname(__file__), "results",
