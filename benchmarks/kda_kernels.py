@@ -133,9 +133,7 @@ def jax_impls(unroll_ablation=False):
              # Aqk and L around ``band_lower`` in XLA (BLOCKS_KERNEL off)
              "kda_jax.mosaic[xla_blocks]": _mosaic_with(blocks_kernel=False),
              # the diagonal sub-blocks in XLA (INTRA_KERNEL off)
-             "kda_jax.mosaic[xla_diag]": _mosaic_with(intra_kernel=False),
-             # the intra and blocks kernels reading q, k, G from global memory (STAGE_OPERANDS off)
-             "kda_jax.mosaic[unstaged]": _mosaic_with(stage_operands=False)}
+             "kda_jax.mosaic[xla_diag]": _mosaic_with(intra_kernel=False)}
     if unroll_ablation:
         impls["kda_jax.chunked[unroll=1]"] = _chunked_with_unroll(1)
     try:

@@ -54,15 +54,14 @@ OPERAND_BUFFERS = 1
 _check = functools.partial(check_operand, "gated_blocks")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "buffers", "block_d", "stage"))
-def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, block_d=None, stage=None):
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "buffers", "block_d"))
+def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, block_d=None):
     """``(Aqk, L)``, each ``[N, B, H, C, C]`` float32 (module docstring), from chunk-major
     ``q, k [N, B, H, C, K]`` (bf16 or float32, one dtype), float32 ``G [N, B, H, C, K]``,
     ``beta [N, B, H, C]`` and the zone of each row ``zone [N, B, C]`` (float32 document counts
     inside the chunk; zeros when there are no documents); ``buffers``: sets of operand tiles
     (default ``OPERAND_BUFFERS``); ``block_d``: channels per off-diagonal operand tile (default
-    ``OFF_BLOCK_D``); ``stage``: q, k and G through shared memory by TMA (default
-    ``intra.STAGE_OPERANDS``)."""
+    ``OFF_BLOCK_D``)."""
     N, B, H, C, K = intra._operands(q, k, G)
     buffers = OPERAND_BUFFERS if buffers is None else buffers
     if buffers not in (1, 2):
@@ -75,23 +74,22 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
     if K % 64:
         raise ValueError(f"gated_blocks needs K a multiple of 64; got K={K}")
     nc = C // SUB
-    stage_s = intra.stage_scratch(C, K, (k.dtype, k.dtype, _F32)) if intra._stage(stage) else []
 
-    def body(q_ref, k_ref, g_ref, b_ref, z_ref, a_ref, l_ref, k_s, g_s, o_s, xq_s, xk_s, y_s, *st):
+    def body(q_ref, k_ref, g_ref, b_ref, z_ref, a_ref, l_ref, k_s, g_s, o_s, xq_s, xk_s, y_s):
         n, b, h = lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h")
         idx = (n, b, h)
-        q_c, k_c, g_c = intra.staged((q_ref.at[idx], k_ref.at[idx], g_ref.at[idx]), st)
-        intra.band_sums(intra._Tiles(dict(q=q_c, k=k_c, G=g_c), dict(k=k_s, G=g_s), C), K // intra.BLOCK_K, o_s)
+        intra.band_sums(intra._Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(k=k_s, G=g_s), idx, C), K // intra.BLOCK_K,
+                        o_s)
 
         def off_diagonal(acc_p, acc_r):
             r = plgpu.broadcasted_iota(jnp.int32, (C, bd), 0, layout=_WG)
             it = 0
             for cb in range(K // bd):
                 cs = pl.ds(cb * bd, bd)
-                load = lambda ref: plgpu.load(ref.at[:, cs], layout=_WG, optimized=False).astype(_F32)
-                g, qx, kx = load(g_c), load(q_c), load(k_c)
+                load = lambda ref: plgpu.load(ref.at[idx].at[:, cs], layout=_WG, optimized=False).astype(_F32)
+                g, qx, kx = load(g_ref), load(q_ref), load(k_ref)
                 for p in range(1, nc):
-                    gn = plgpu.load(g_c.at[p * SUB, cs], layout=_COL, optimized=False)
+                    gn = plgpu.load(g_ref.at[idx].at[p * SUB, cs], layout=_COL, optimized=False)
                     gn = lax.broadcast_in_dim(gn, (C, bd), [1])
                     rows_p = (r >= p * SUB) & (r < (p + 1) * SUB)
                     before = r < p * SUB
@@ -128,7 +126,7 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
         l_ref.at[idx][...] = jnp.where((dist > 0) & same, row_vec(b_ref.at[idx]) * R, 0.0)
 
     out = tuple(jax.ShapeDtypeStruct((N, B, H, C, C), _F32) for _ in range(2))
-    scratch = intra.band_scratch(C, k.dtype) + [_tiled((buffers, C, bd)) for _ in range(3)] + stage_s
+    scratch = intra.band_scratch(C, k.dtype) + [_tiled((buffers, C, bd)) for _ in range(3)]
     kern = intra._kernel(body, name="kda_gated_blocks", interpret=interpret, grid=(N, B, H),
                          grid_names=("n", "b", "h"), out_type=out, scratch_types=scratch)
     return kern(q, k, G, beta, zone)

@@ -45,11 +45,6 @@ _PAD = {2: 8, 4: 8}
 APPROX_EXP = True
 # Distances per iteration of the adjoint's loops (fully unrolled, the kernel needed 253 registers).
 ADJOINT_UNROLL = 1
-# Bring each chunk's operands into shared memory by TMA (one bulk copy per operand) before any
-# register tile is formed, instead of per-thread global loads in the WGMMA layout, whose latency
-# each load exposes at two CTAs per SM (benchmarks/NOTES.md v7, v9). Read while tracing, when a
-# call names no ``stage``.
-STAGE_OPERANDS = True
 
 
 def _kernel(body, **kw):
@@ -72,37 +67,14 @@ def _padded(rows, dtype):
     return plgpu.SMEM((rows, BLOCK_K + _PAD[jnp.dtype(dtype).itemsize]), dtype)
 
 
-def stage_scratch(C, K, dtypes):
-    """Shared memory of ``staged``: one ``[C, K]`` buffer per operand dtype, and their barrier."""
-    return [plgpu.SMEM((C, K), dt) for dt in dtypes] + [plgpu.Barrier(num_arrivals=len(dtypes))]
-
-
-def staged(refs, scratch):
-    """The chunk operands ``refs`` (``[C, K]`` global-memory refs) copied by TMA into the buffers of
-    ``stage_scratch`` (``scratch``: the buffers, then the barrier), once landed; or ``refs`` unchanged
-    when ``scratch`` is empty (no staging)."""
-    if not scratch:
-        return refs
-    *bufs, bar = scratch
-    for ref, buf in zip(refs, bufs, strict=True):
-        plgpu.copy_gmem_to_smem(ref, buf, bar)
-    plgpu.barrier_wait(bar)
-    return tuple(bufs)
-
-
-def _stage(stage):
-    return STAGE_OPERANDS if stage is None else bool(stage)
-
-
 class _Tiles:
     """One chunk's operands, one block of BLOCK_K channels at a time: ``[C, BLOCK_K]`` register
-    tiles from the chunk's ``[C, K]`` refs (global memory, or shared memory after ``staged``), and
-    row-shifted copies read back from padded shared memory (rows [SUB, SUB + C) hold the chunk; the
-    SUB rows on either side hold rows of the same chunk, as finite filler). One shared buffer per
-    operand serves all the column blocks."""
+    tiles straight from global memory, and row-shifted copies read back from padded shared memory
+    (rows [SUB, SUB + C) hold the chunk; the SUB rows on either side hold rows of the same chunk,
+    as finite filler). One shared buffer per operand serves all the column blocks."""
 
-    def __init__(self, refs, smem, C):
-        self.refs, self.smem, self.C = refs, smem, C
+    def __init__(self, refs, smem, idx, C):
+        self.refs, self.smem, self.idx, self.C = refs, smem, idx, C
 
     def stage(self, cb):
         """Column block ``cb`` of every operand: its register tiles (float32) by name, with the
@@ -110,7 +82,7 @@ class _Tiles:
         cols = pl.ds(cb * BLOCK_K, BLOCK_K)
         if cb:
             plgpu.commit_smem()  # every thread is done with the previous block's rows
-        tiles = {name: plgpu.load(ref.at[:, cols], layout=_WG, optimized=False)
+        tiles = {name: plgpu.load(ref.at[self.idx].at[:, cols], layout=_WG, optimized=False)
                  for name, ref in self.refs.items()}
         at = lambda name, r0: self.smem[name].at[pl.ds(r0, self.C), pl.ds(0, BLOCK_K)]
         for r0 in (0, 2 * SUB):  # filler (rows 0..SUB and C+SUB..C+2·SUB end up as chunk rows)
@@ -138,25 +110,21 @@ def _row(vec, C):
     return lax.broadcast_in_dim(vec, (C, BLOCK_K), [0])
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "stage"))
-def band_lower(q, k, G, *, interpret=False, stage=None):
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def band_lower(q, k, G, *, interpret=False):
     """``[N, B, H, 2, SUB, C]`` float32 bands of the q·k and k·k gated products (module docstring)
-    from chunk-major ``q, k [N, B, H, C, K]`` (bf16 or float32, one dtype) and float32 G;
-    ``stage``: operands through shared memory (default ``STAGE_OPERANDS``)."""
+    from chunk-major ``q, k [N, B, H, C, K]`` (bf16 or float32, one dtype) and float32 G."""
     N, B, H, C, K = _operands(q, k, G)
-    stage_s = stage_scratch(C, K, (k.dtype, k.dtype, _F32)) if _stage(stage) else []
 
-    def body(q_ref, k_ref, g_ref, out_ref, k_s, g_s, o_s, *st):
+    def body(q_ref, k_ref, g_ref, out_ref, k_s, g_s, o_s):
         idx = (lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h"))
-        chunk = dict(zip("qkG", staged((q_ref.at[idx], k_ref.at[idx], g_ref.at[idx]), st)))
-        band_sums(_Tiles(chunk, dict(k=k_s, G=g_s), C), K // BLOCK_K, o_s)
+        band_sums(_Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(k=k_s, G=g_s), idx, C), K // BLOCK_K, o_s)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_s, out_ref.at[idx])
         plgpu.wait_smem_to_gmem(0)
 
     kern = _kernel(body, name="kda_intra_band_lower", interpret=interpret, grid=(N, B, H), grid_names=("n", "b", "h"),
-                   out_type=jax.ShapeDtypeStruct((N, B, H, 2, SUB, C), _F32),
-                   scratch_types=band_scratch(C, k.dtype) + stage_s)
+                   out_type=jax.ShapeDtypeStruct((N, B, H, 2, SUB, C), _F32), scratch_types=band_scratch(C, k.dtype))
     return kern(q, k, G)
 
 
@@ -183,23 +151,21 @@ def band_sums(t, nb, o_s):
                 acc[...] = part if cb == 0 else plgpu.load(acc, layout=_ROW, optimized=False) + part
 
 
-@functools.partial(jax.jit, static_argnames=("interpret", "stage"))
-def band_adjoint(q, k, G, rows, cols, *, interpret=False, stage=None):
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def band_adjoint(q, k, G, rows, cols, *, interpret=False):
     """``(row_L, row_P, col)``, each ``[N, B, H, C, K]`` float32 (module docstring), from the
     operands of ``band_lower`` and float32 bands ``rows = (r_L, r_P)``, ``cols = (c_L, c_P)`` stacked
-    as ``[N, B, H, 2, SUB, C]``; ``stage`` as in ``band_lower``."""
+    as ``[N, B, H, 2, SUB, C]``."""
     N, B, H, C, K = _operands(q, k, G)
     for name, x in (("rows", rows), ("cols", cols)):
         _check(name, x, (N, B, H, 2, SUB, C), (_F32,))
     nb = K // BLOCK_K
-    stage_s = stage_scratch(C, K, (q.dtype, k.dtype, _F32)) if _stage(stage) else []
 
-    def body(q_ref, k_ref, g_ref, r_ref, c_ref, rl_ref, rp_ref, col_ref, q_s, k_s, g_s, r_s, c_s, bar, *st):
+    def body(q_ref, k_ref, g_ref, r_ref, c_ref, rl_ref, rp_ref, col_ref, q_s, k_s, g_s, r_s, c_s, bar):
         idx = (lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h"))
         plgpu.copy_gmem_to_smem(r_ref.at[idx], r_s, bar)
         plgpu.copy_gmem_to_smem(c_ref.at[idx], c_s, bar)
-        chunk = dict(zip("qkG", staged((q_ref.at[idx], k_ref.at[idx], g_ref.at[idx]), st)))
-        t = _Tiles(chunk, dict(q=q_s, k=k_s, G=g_s), C)
+        t = _Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(q=q_s, k=k_s, G=g_s), idx, C)
         plgpu.barrier_wait(bar)
         band = lambda ref, s, d: _row(plgpu.load(ref.at[s, d], layout=_ROW, optimized=False), C)
         for cb in range(nb):
@@ -231,5 +197,5 @@ def band_adjoint(q, k, G, rows, cols, *, interpret=False, stage=None):
                    grid_names=("n", "b", "h"), out_type=out,
                    scratch_types=[_padded(rows_, q.dtype), _padded(rows_, k.dtype), _padded(rows_, _F32),
                                   plgpu.SMEM((2, SUB, C), _F32), plgpu.SMEM((2, SUB, C), _F32),
-                                  plgpu.Barrier(num_arrivals=2)] + stage_s)
+                                  plgpu.Barrier(num_arrivals=2)])
     return kern(q, k, G, rows, cols)

@@ -87,14 +87,12 @@ class MosaicPasses:
     """The ``passes`` interface of ``kda_jax.ops.chunked`` on the state-pass and intra kernels."""
 
     def __init__(self, interpret: bool = False, fused_output: bool | None = None, intra_kernel: bool | None = None,
-                 blocks_kernel: bool | None = None, factors_kernel: bool | None = None,
-                 stage_operands: bool | None = None):
+                 blocks_kernel: bool | None = None, factors_kernel: bool | None = None):
         self.interpret = bool(interpret)
         self.fused_output = FUSED_OUTPUT if fused_output is None else bool(fused_output)
         self.intra_kernel = INTRA_KERNEL if intra_kernel is None else bool(intra_kernel)
         self.blocks_kernel = BLOCKS_KERNEL if blocks_kernel is None else bool(blocks_kernel)
         self.factors_kernel = FACTORS_KERNEL if factors_kernel is None else bool(factors_kernel)
-        self.stage_operands = intra.STAGE_OPERANDS if stage_operands is None else bool(stage_operands)
 
     def gated_blocks(self, gating, q, k, qf, kf, beta, zones, scale):
         if not (self.intra_kernel and self.blocks_kernel):
@@ -103,7 +101,7 @@ class MosaicPasses:
         zone = (jnp.zeros((*G.shape[:2], G.shape[-2]), _F32) if zones.zone is None
                 else zones.zone[:, :, 0, :].astype(_F32))
         Aqk, L = blocks.gated_blocks(q.astype(k.dtype), k, G.astype(_F32), beta.astype(_F32), zone, scale=scale,
-                                     interpret=self.interpret, stage=self.stage_operands)
+                                     interpret=self.interpret)
         return Aqk.astype(G.dtype), L.astype(G.dtype)
 
     def forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones, scale):
@@ -118,8 +116,7 @@ class MosaicPasses:
     def intra_diag(self, gating, q, k):
         if not self.intra_kernel:
             return ScanPasses.intra_diag(self, gating, q, k)
-        band = intra.band_lower(q.astype(k.dtype), k, gating.G.astype(_F32), interpret=self.interpret,
-                                stage=self.stage_operands)
+        band = intra.band_lower(q.astype(k.dtype), k, gating.G.astype(_F32), interpret=self.interpret)
         return bands_to_blocks(band).astype(gating.G.dtype)
 
     def intra_diag_adjoint(self, gating, q, k, beta, dMs):
@@ -130,8 +127,7 @@ class MosaicPasses:
         b = beta.astype(_F32).reshape(*beta.shape[:-1], nc, _SUB)[..., None]
         cols = jnp.stack([dMd[0] * b, dMd[1]])  # β_i folded into the L rows
         rl, rp, col = intra.band_adjoint(q.astype(k.dtype), k, gating.G.astype(_F32), blocks_to_row_bands(dMd),
-                                         blocks_to_col_bands(cols), interpret=self.interpret,
-                                         stage=self.stage_operands)
+                                         blocks_to_col_bands(cols), interpret=self.interpret)
         dt = gating.G.dtype
         return jnp.stack([rl, rp]).astype(dt), col.astype(dt)
 
@@ -159,8 +155,7 @@ class MosaicPasses:
         return dh0, dSn, dVn
 
     def _key(self):
-        return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel,
-                self.stage_operands)
+        return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel)
 
     def __hash__(self):
         return hash((type(self), self._key()))
@@ -170,7 +165,7 @@ class MosaicPasses:
 
 
 def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, interpret=False,
-               fused_output=None, intra_kernel=None, blocks_kernel=None, factors_kernel=None, stage_operands=None):
+               fused_output=None, intra_kernel=None, blocks_kernel=None, factors_kernel=None):
     """Canonical inputs (``kda_jax.ops.inputs.canonicalize``) -> (o, final state float32).
 
     Needs chunk_size 64 and K, V multiples of 64 (see ``supports``); ``interpret`` runs the
@@ -178,10 +173,8 @@ def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chun
     that are not differentiated (default ``FUSED_OUTPUT``); ``intra_kernel`` computes the diagonal sub-blocks of the gated
     products with the ``intra`` kernels (default ``INTRA_KERNEL``); ``blocks_kernel`` forms Aqk and L
     whole in ``blocks.gated_blocks`` (default ``BLOCKS_KERNEL``; needs ``intra_kernel``);
-    ``factors_kernel`` forms the forward's W, U, Kd, Qs in ``wy.forward_factors`` (default ``FACTORS_KERNEL``);
-    ``stage_operands`` brings the intra and blocks kernels' q, k, G into shared memory by TMA first
-    (default ``intra.STAGE_OPERANDS``).
+    ``factors_kernel`` forms the forward's W, U, Kd, Qs in ``wy.forward_factors`` (default ``FACTORS_KERNEL``).
     """
-    passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel, factors_kernel, stage_operands)
+    passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel, factors_kernel)
     return kda_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets,
                        chunk_size=chunk_size, passes=passes)
