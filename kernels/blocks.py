@@ -11,15 +11,19 @@ replacing the XLA code around ``intra.band_lower`` (the reference-point factors,
 off-diagonal einsums, the bands-to-blocks gathers and the masks, each a pass over HBM):
 
 * the exact diagonal 16×16 sub-blocks: ``intra.band_sums`` (bands in shared memory), moved into
-  the register tile with one select per distance δ. Its exponents are clamped at 0, so its band
-  values are exact for every causal pair at distance δ < 16, also across a sub-chunk boundary:
+  the register tile with one select per distance δ. Its decays are running products of factors
+  ≤ 1, so its band values are exact for every causal pair at distance δ < 16, also across a
+  sub-chunk boundary:
   all of them replace the tensor-core entries at those distances (float32 sums there);
 * the off-diagonal sub-blocks on the tensor cores, with no 16-row products (benchmarks/NOTES.md,
   "Next" 1b): for each query sub-chunk p ≥ 1, ``X_p = X ⊙ e^{G − G_n(p)}`` with the rows outside p
   zeroed and ``Y_p = k ⊙ e^{G_n(p) − G}`` with the rows from n(p) = 16p on zeroed, so that
-  ``Σ_p X_p·Y_pᵀ`` is exactly the strictly block-lower part. Every exponent is ≤ 0 (masked rows
-  take exponent 0 and are then zeroed), so gates of −1000 stay finite. The operands are rounded
-  to bf16 (float32 accumulation), the precision of W, U, Kd and the state pass's operands.
+  ``Σ_p X_p·Y_pᵀ`` is exactly the strictly block-lower part. Two exponentials per element serve
+  every p: ``e^{G − G_n(s)}`` around the first row of each row's own sub-chunk s (the factor of
+  X_p, whose rows are those of s = p), and ``e^{G_n(s+1) − G}`` around the first row of the next
+  one, times the column factor ``e^{G_n(p) − G_n(s+1)}`` for the key rows of s < p. Every exponent
+  is ≤ 0 (clamped), so gates of −1000 stay finite. The operands are rounded to bf16 (float32
+  accumulation), the precision of W, U, Kd and the state pass's operands.
 
 G ≤ 0 increments are assumed (a log decay), as in ``intra``.
 """
@@ -78,31 +82,40 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
     def body(q_ref, k_ref, g_ref, b_ref, z_ref, a_ref, l_ref, k_s, g_s, o_s, xq_s, xk_s, y_s):
         n, b, h = lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h")
         idx = (n, b, h)
-        intra.band_sums(intra._Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(k=k_s, G=g_s), idx, C), K // intra.BLOCK_K,
+        intra.band_sums(intra._Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(k=k_s, a=g_s), idx, C), K // intra.BLOCK_K,
                         o_s)
 
         def off_diagonal(acc_p, acc_r):
-            r = plgpu.broadcasted_iota(jnp.int32, (C, bd), 0, layout=_WG)
+            sub = plgpu.broadcasted_iota(jnp.int32, (C, bd), 0, layout=_WG) // SUB  # each row's sub-chunk
+            tile = lambda col: lax.broadcast_in_dim(col, (C, bd), [1])
+
+            def by_sub(cols, rest):  # column vector cols[s] on the rows of sub-chunk s, ``rest`` on later rows
+                m = rest
+                for s_, c in enumerate(cols):
+                    m = jnp.where(sub == s_, tile(c), m)
+                return m
+
             it = 0
             for cb in range(K // bd):
                 cs = pl.ds(cb * bd, bd)
                 load = lambda ref: plgpu.load(ref.at[idx].at[:, cs], layout=_WG, optimized=False).astype(_F32)
                 g, qx, kx = load(g_ref), load(q_ref), load(k_ref)
+                gn = [plgpu.load(g_ref.at[idx].at[p * SUB, cs], layout=_COL, optimized=False) for p in range(nc)]
+                own = jnp.exp(jnp.minimum(g - by_sub(gn[:-1], tile(gn[-1])), 0.0))  # e^{G − G_n(s)}
+                nxt = jnp.exp(jnp.minimum(by_sub(gn[1:], tile(gn[-1])) - g, 0.0))  # e^{G_n(s+1) − G}, s < nc − 1
+                qo, ko, kn = qx * own, kx * own, kx * nxt
                 for p in range(1, nc):
-                    gn = plgpu.load(g_ref.at[idx].at[p * SUB, cs], layout=_COL, optimized=False)
-                    gn = lax.broadcast_in_dim(gn, (C, bd), [1])
-                    rows_p = (r >= p * SUB) & (r < (p + 1) * SUB)
-                    before = r < p * SUB
-                    qfac = jnp.exp(jnp.where(rows_p, g - gn, 0.0))
-                    kfac = jnp.exp(jnp.where(before, gn - g, 0.0))
+                    rows_p = sub == p
+                    # e^{G_n(p) − G_n(s+1)} on the key rows of sub-chunk s < p − 1, 1 on those of p − 1
+                    fac = by_sub([jnp.exp(jnp.minimum(gn[p] - gn[s_ + 1], 0.0)) for s_ in range(p - 1)], 1.0)
                     slot = it % buffers
                     if it >= buffers:  # the products that read this slot's tiles are done
                         plgpu.wgmma_wait(2 * (buffers - 1))
                     it += 1
                     xq, xk, y = xq_s.at[slot], xk_s.at[slot], y_s.at[slot]
-                    xq[...] = jnp.where(rows_p, qx * qfac, 0.0).astype(_BF16)
-                    xk[...] = jnp.where(rows_p, kx * qfac, 0.0).astype(_BF16)
-                    y[...] = jnp.where(before, kx * kfac, 0.0).astype(_BF16)
+                    xq[...] = jnp.where(rows_p, qo, 0.0).astype(_BF16)
+                    xk[...] = jnp.where(rows_p, ko, 0.0).astype(_BF16)
+                    y[...] = jnp.where(sub < p, kn * fac, 0.0).astype(_BF16)
                     plgpu.commit_smem()
                     plgpu.wgmma(acc_p, xq, y.T)
                     plgpu.wgmma(acc_r, xk, y.T)

@@ -71,28 +71,39 @@ class _Tiles:
     """One chunk's operands, one block of BLOCK_K channels at a time: ``[C, BLOCK_K]`` register
     tiles straight from global memory, and row-shifted copies read back from padded shared memory
     (rows [SUB, SUB + C) hold the chunk; the SUB rows on either side hold rows of the same chunk,
-    as finite filler). One shared buffer per operand serves all the column blocks."""
+    as finite filler). One shared buffer per operand serves all the column blocks. The buffer
+    named ``a`` holds the per-row decay a_i = e^{min(G_i − G_{i−1}, 0)} in place of G, so that a
+    band's decay e^{G_i − G_{i∓δ}} is a running product over δ (``decays``), not an exponential."""
 
     def __init__(self, refs, smem, idx, C):
         self.refs, self.smem, self.idx, self.C = refs, smem, idx, C
 
+    def _at(self, name, r0):
+        return self.smem[name].at[pl.ds(r0, self.C), pl.ds(0, BLOCK_K)]
+
+    def _fill(self, tiles):
+        """Each register tile into its padded buffer: the filler rows first, then the chunk's rows."""
+        for r0 in (0, 2 * SUB):  # filler (rows 0..SUB and C+SUB..C+2·SUB end up as chunk rows)
+            for name, x in tiles.items():
+                self._at(name, r0)[...] = x
+        plgpu.commit_smem()  # the chunk's own rows overwrite the filler only after it landed
+        for name, x in tiles.items():
+            self._at(name, SUB)[...] = x
+        plgpu.commit_smem()
+
     def stage(self, cb):
-        """Column block ``cb`` of every operand: its register tiles (float32) by name, with the
-        shared-memory copies written and visible to the whole warpgroup."""
+        """Column block ``cb`` of every operand but G: its register tiles (float32) by name, with the
+        shared-memory copies (and ``a``) written and visible to the whole warpgroup."""
         cols = pl.ds(cb * BLOCK_K, BLOCK_K)
         if cb:
             plgpu.commit_smem()  # every thread is done with the previous block's rows
         tiles = {name: plgpu.load(ref.at[self.idx].at[:, cols], layout=_WG, optimized=False)
                  for name, ref in self.refs.items()}
-        at = lambda name, r0: self.smem[name].at[pl.ds(r0, self.C), pl.ds(0, BLOCK_K)]
-        for r0 in (0, 2 * SUB):  # filler (rows 0..SUB and C+SUB..C+2·SUB end up as chunk rows)
-            for name in self.smem:
-                at(name, r0)[...] = tiles[name]
-        plgpu.commit_smem()  # the chunk's own rows overwrite the filler only after it landed
-        for name in self.smem:
-            at(name, SUB)[...] = tiles[name]
-        plgpu.commit_smem()
-        return {name: x.astype(_F32) for name, x in tiles.items()}
+        self._fill({name: tiles["G" if name == "a" else name] for name in self.smem})
+        a = _decay(tiles["G"], self.shifted("a", 1, -1))  # G_{i−1} from the buffer that a then replaces
+        plgpu.commit_smem()  # every thread has read its G rows
+        self._fill({"a": a})
+        return {name: x.astype(_F32) for name, x in tiles.items() if name != "G"}
 
     def shifted(self, name, delta, sign=1):
         """Rows i + sign·delta of the chunk (0 ≤ delta < SUB, static or traced) in the staged block, as float32."""
@@ -100,10 +111,21 @@ class _Tiles:
         return plgpu.load(self.smem[name].at[pl.ds(start, self.C), pl.ds(0, BLOCK_K)], layout=_WG,
                           optimized=False).astype(_F32)
 
+    def decay(self, D, delta, sign):
+        """The running product one step on: with ``D = e^{G_i − G_{i−δ+1}}`` (``sign`` −1; rows i, 1 ≤ δ
+        < SUB) it returns e^{G_i − G_{i−δ}} = D·a_{i−δ+1}; with ``D = e^{G_{j+δ−1} − G_j}`` (``sign`` +1)
+        it returns e^{G_{j+δ} − G_j} = D·a_{j+δ}. Every factor is ≤ 1: no overflow for any gate, and
+        exact up to one rounding per step for causal pairs (the clamp only touches discarded ones)."""
+        return D * self.shifted("a", delta - 1 if sign < 0 else delta, sign)
+
 
 def _decay(hi, lo):
     """e^{min(hi − lo, 0)}: exact for causal pairs (hi − lo ≤ 0), finite for discarded ones."""
-    return jnp.exp(jnp.minimum(hi - lo, 0.0))
+    return jnp.exp(jnp.minimum(hi.astype(_F32) - lo, 0.0))
+
+
+def _ones(C):
+    return plgpu.layout_cast(jnp.ones((C, BLOCK_K), _F32), _WG)
 
 
 def _row(vec, C):
@@ -118,7 +140,7 @@ def band_lower(q, k, G, *, interpret=False):
 
     def body(q_ref, k_ref, g_ref, out_ref, k_s, g_s, o_s):
         idx = (lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h"))
-        band_sums(_Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(k=k_s, G=g_s), idx, C), K // BLOCK_K, o_s)
+        band_sums(_Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(k=k_s, a=g_s), idx, C), K // BLOCK_K, o_s)
         plgpu.commit_smem()
         plgpu.copy_smem_to_gmem(o_s, out_ref.at[idx])
         plgpu.wait_smem_to_gmem(0)
@@ -129,7 +151,7 @@ def band_lower(q, k, G, *, interpret=False):
 
 
 def band_scratch(C, dtype):
-    """Shared memory of ``band_sums``: the staged k and G blocks, and the bands ``[2, SUB, C]``."""
+    """Shared memory of ``band_sums``: the staged k and a blocks, and the bands ``[2, SUB, C]``."""
     rows = C + 2 * SUB
     return [_padded(rows, dtype), _padded(rows, _F32), plgpu.SMEM((2, SUB, C), _F32)]
 
@@ -142,13 +164,15 @@ def band_sums(t, nb, o_s):
 
         # a loop over δ, not 16 unrolled copies: unrolled, the kernel stalled on instruction
         # fetch (Nsight Compute, benchmarks/NOTES.md v4)
-        @pl.loop(0, SUB)
-        def _(d):
-            y = t.shifted("k", d, -1) * _decay(x["G"], t.shifted("G", d, -1))
+        def step(d, D):  # D = e^{G_i − G_{i−δ}}
+            y = t.shifted("k", d, -1) * D
             for s, xs in enumerate((x["q"], x["k"])):
                 part = jnp.sum(xs * y, axis=1)  # the partial sums live in shared memory, not registers;
                 acc = o_s.at[s, d]  # each thread reads back only the rows it wrote
                 acc[...] = part if cb == 0 else plgpu.load(acc, layout=_ROW, optimized=False) + part
+            return t.decay(D, d + 1, -1)
+
+        lax.fori_loop(0, SUB, step, _ones(t.C))
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))
@@ -165,30 +189,34 @@ def band_adjoint(q, k, G, rows, cols, *, interpret=False):
         idx = (lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h"))
         plgpu.copy_gmem_to_smem(r_ref.at[idx], r_s, bar)
         plgpu.copy_gmem_to_smem(c_ref.at[idx], c_s, bar)
-        t = _Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(q=q_s, k=k_s, G=g_s), idx, C)
+        t = _Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(q=q_s, k=k_s, a=g_s), idx, C)
         plgpu.barrier_wait(bar)
         band = lambda ref, s, d: _row(plgpu.load(ref.at[s, d], layout=_ROW, optimized=False), C)
         for cb in range(nb):
-            gc = t.stage(cb)["G"]
+            t.stage(cb)
             cols_ = pl.ds(cb * BLOCK_K, BLOCK_K)
 
-            def rows_step(d, acc):
-                y = t.shifted("k", d, -1) * _decay(gc, t.shifted("G", d, -1))
-                return tuple(a + band(r_s, s, d) * y for s, a in enumerate(acc))
+            def rows_step(d, carry):  # D = e^{G_i − G_{i−δ}}
+                D = t.decay(carry[-1], d, -1)
+                y = t.shifted("k", d, -1) * D
+                return tuple(a + band(r_s, s, d) * y for s, a in enumerate(carry[:-1])) + (D,)
 
-            def col_step(d, acc):
+            def col_step(d, carry):  # D = e^{G_{j+δ} − G_j}
+                acc, D = carry
+                D = t.decay(D, d, 1)
                 x = band(c_s, 0, d) * t.shifted("k", d) + band(c_s, 1, d) * t.shifted("q", d)
-                return acc + x * _decay(t.shifted("G", d), gc)
+                return acc + x * D, D
 
             # the row adjoints first, then the column sum (fewer live tiles); δ = 0 (decay 1) starts
             # each sum, a loop over the other distances keeps the compiler from hoisting all their loads
             kc = t.shifted("k", 0)
-            row_l, row_p = lax.fori_loop(1, SUB, rows_step, (band(r_s, 0, 0) * kc, band(r_s, 1, 0) * kc),
-                                         unroll=ADJOINT_UNROLL)
+            ones = _ones(C)
+            row_l, row_p, _ = lax.fori_loop(1, SUB, rows_step, (band(r_s, 0, 0) * kc, band(r_s, 1, 0) * kc, ones),
+                                            unroll=ADJOINT_UNROLL)
             rl_ref.at[idx].at[:, cols_][...] = row_l
             rp_ref.at[idx].at[:, cols_][...] = row_p
-            col = lax.fori_loop(1, SUB, col_step, band(c_s, 0, 0) * kc + band(c_s, 1, 0) * t.shifted("q", 0),
-                                unroll=ADJOINT_UNROLL)
+            col, _ = lax.fori_loop(1, SUB, col_step, (band(c_s, 0, 0) * kc + band(c_s, 1, 0) * t.shifted("q", 0), ones),
+                                   unroll=ADJOINT_UNROLL)
             col_ref.at[idx].at[:, cols_][...] = col
 
     rows_ = C + 2 * SUB

@@ -27,10 +27,11 @@ _BF16, _F32 = jnp.bfloat16, jnp.float32
 # boundaries inside chunks, h0, GVA, −1000 gates, the undifferentiated call against float64) passed
 # on an H100 at commit 16f8c03; mid forward 2.94 → 2.79 ms (benchmarks/NOTES.md v4).
 FUSED_OUTPUT = True
-# The head sizes (K, V) those tests covered; compiled calls at other sizes keep ``forward_output``
-# until ``test_gpu_matches_float64_recurrence`` (which now also checks the undifferentiated call, at
-# K = V = 64 among others) passes on a GPU. Interpret mode (CPU tests) runs the kernel at any size.
-FUSED_OUTPUT_KV = ((128, 128),)
+# The head sizes (K, V) at which the compiled fused kernel is GPU-tested: (128, 128) by those tests,
+# (64, 64) and (64, 128) by ``test_gpu_matches_float64_recurrence`` (its undifferentiated call, against
+# float64; H200, commit in benchmarks/NOTES.md v10). Other sizes keep ``forward_output``; interpret
+# mode (CPU tests) runs the kernel at any size.
+FUSED_OUTPUT_KV = ((128, 128), (64, 64), (64, 128))
 # The exact diagonal sub-blocks of the gated products on the ``intra`` kernels instead of XLA. With it
 # on, the kernel GPU tests (tests/kernels/test_mosaic.py and test_intra_kernel.py, ``-m gpu``: 17)
 # passed on an H100 at commit e37d402, and forward+backward at the mid shape took 7.8 instead of
