@@ -2,7 +2,9 @@
 
 ``blocks.gated_blocks`` at each operand-tile width and buffer count it accepts (outputs checked
 bitwise equal across them), ``intra.band_lower`` (the part of it that ``INTRA_KERNEL`` alone ran),
-``intra.band_adjoint`` and ``wy.forward_factors``. Each figure is the best of three rounds of
+``intra.band_adjoint`` and ``wy.forward_factors``; ``gated_blocks_exact`` is the kernel with every
+row's diagonal sub-blocks from the exact bands (``factored=False``; the inputs' gates are bounded, so
+by default every chunk skips them). Each figure is the best of three rounds of
 ``--iters`` calls issued back to back with one wait. Needs a GPU.
 
     python benchmarks/chunk_kernels.py --shape mid --out benchmarks/results/chunk_kernels_<gpu>.json
@@ -76,6 +78,9 @@ def main():
             fns[f"gated_blocks[block_d={bd},buffers={nb}]"] = (
                 lambda bd=bd, nb=nb: blocks.gated_blocks(x["q"], x["k"], x["G"], x["beta"], x["zone"], scale=s,
                                                          buffers=nb, block_d=bd)[0])
+    # every row through the exact bands (FACTORED_DIAGONAL off; not bitwise equal to the above)
+    fns["gated_blocks_exact"] = lambda: blocks.gated_blocks(x["q"], x["k"], x["G"], x["beta"], x["zone"], scale=s,
+                                                            factored=False)[0]
     fns["forward_factors"] = lambda: wy.forward_factors(x["q"], x["k"], x["v"], x["G"], x["beta"], x["T"], x["ones"],
                                                         x["ones"], scale=s)
     first = {}

@@ -133,7 +133,9 @@ def jax_impls(unroll_ablation=False):
              # Aqk and L around ``band_lower`` in XLA (BLOCKS_KERNEL off)
              "kda_jax.mosaic[xla_blocks]": _mosaic_with(blocks_kernel=False),
              # the diagonal sub-blocks in XLA (INTRA_KERNEL off)
-             "kda_jax.mosaic[xla_diag]": _mosaic_with(intra_kernel=False)}
+             "kda_jax.mosaic[xla_diag]": _mosaic_with(intra_kernel=False),
+             # every row's diagonal sub-blocks from the exact bands (FACTORED_DIAGONAL off)
+             "kda_jax.mosaic[exact_diagonal]": _mosaic_with(factored_diagonal=False)}
     if unroll_ablation:
         impls["kda_jax.chunked[unroll=1]"] = _chunked_with_unroll(1)
     try:

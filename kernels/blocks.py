@@ -25,6 +25,17 @@ off-diagonal einsums, the bands-to-blocks gathers and the masks, each a pass ove
   is ≤ 0 (clamped), so gates of −1000 stay finite. The operands are rounded to bf16 (float32
   accumulation), the precision of W, U, Kd and the state pass's operands.
 
+Bounded rows (``factored``, default ``FACTORED_DIAGONAL``): with the diagonal sub-block p included
+in the product of p — ``X_p = X ⊙ e^{G − G_n(p) + σ}`` on p's rows, ``Y_p = k ⊙ e^{G_n(p) − G − σ}``
+on the rows up to p's last, σ = ``SIGMA`` — the tensor cores give every causal entry, and for a row i
+whose decay since n(p) stays within ``SAFE_SPAN`` in every channel both factors are within
+e^{±80}: its entries are used as they are (bf16 operands, like the off-diagonal blocks). Only the
+other rows (Kimi Linear's unbounded gate: −1000 entries) take the exact bands, and a chunk whose
+rows are all bounded skips the bands altogether. The anchor is each sub-chunk's first row and σ a
+constant, and a row's bound depends on its own sub-chunk's rows up to itself, so no entry depends
+on a later token (kda_spec §3.5 ii: the causal anchor), bit for bit. The key exponent is clamped at
+80: a row it would overflow is one of the unbounded rows, which read bands there.
+
 G ≤ 0 increments are assumed (a log decay), as in ``intra``.
 """
 
@@ -53,19 +64,37 @@ OFF_BLOCK_CHOICES = (32, 64)
 # while the tensor cores read the previous ones. 1 and 2 took the same time (0.71 ms at the mid shape,
 # H200, benchmarks/chunk_kernels.py); 1 is the setting the whole op's GPU tests ran with (edb2ece).
 OPERAND_BUFFERS = 1
+# The diagonal sub-blocks of rows whose gates are bounded, on the tensor cores (module docstring,
+# "Bounded rows"): read while tracing when a call names no ``factored``.
+FACTORED_DIAGONAL = True
+# Rows whose decay since their sub-chunk's first row stays within SAFE_SPAN in every channel take the
+# tensor-core values; the anchor shift SIGMA keeps both factors inside e^{±(SAFE_SPAN − SIGMA)} and
+# e^{±SIGMA} (f32 and bf16 reach e^{88}).
+SIGMA = 40.0
+SAFE_SPAN = 120.0
 
 
 _check = functools.partial(check_operand, "gated_blocks")
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "buffers", "block_d"))
-def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, block_d=None):
+def bounded_rows(G):
+    """``([N, B, H, C], [N, B, H])`` float32 and int32: 1 where a row's decay since the first row of
+    its sub-chunk is at most ``SAFE_SPAN`` in every channel, and where every row of the chunk is so."""
+    *lead, C, K = G.shape
+    Gb = G.reshape(*lead, C // SUB, SUB, K)
+    ok = jnp.max(Gb[..., :1, :] - Gb, axis=-1).reshape(*lead, C) <= SAFE_SPAN
+    return ok.astype(_F32), jnp.all(ok, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "buffers", "block_d", "factored"))
+def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, block_d=None, factored=None):
     """``(Aqk, L)``, each ``[N, B, H, C, C]`` float32 (module docstring), from chunk-major
     ``q, k [N, B, H, C, K]`` (bf16 or float32, one dtype), float32 ``G [N, B, H, C, K]``,
     ``beta [N, B, H, C]`` and the zone of each row ``zone [N, B, C]`` (float32 document counts
     inside the chunk; zeros when there are no documents); ``buffers``: sets of operand tiles
     (default ``OPERAND_BUFFERS``); ``block_d``: channels per off-diagonal operand tile (default
-    ``OFF_BLOCK_D``)."""
+    ``OFF_BLOCK_D``); ``factored``: bounded rows' diagonal sub-blocks on the tensor cores (default
+    ``FACTORED_DIAGONAL``; off, every row takes the exact bands)."""
     N, B, H, C, K = intra._operands(q, k, G)
     buffers = OPERAND_BUFFERS if buffers is None else buffers
     if buffers not in (1, 2):
@@ -78,12 +107,22 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
     if K % 64:
         raise ValueError(f"gated_blocks needs K a multiple of 64; got K={K}")
     nc = C // SUB
+    factored = FACTORED_DIAGONAL if factored is None else bool(factored)
+    if factored:
+        safe_rows, safe_chunk = bounded_rows(G)
+    else:
+        safe_rows, safe_chunk = jnp.zeros((N, B, H, C), _F32), jnp.zeros((N, B, H), jnp.int32)
+    sigma = SIGMA if factored else 0.0
+    first_p = 0 if factored else 1  # with the diagonal sub-block in its product, p = 0 has one too
 
-    def body(q_ref, k_ref, g_ref, b_ref, z_ref, a_ref, l_ref, k_s, g_s, o_s, xq_s, xk_s, y_s):
+    def body(q_ref, k_ref, g_ref, b_ref, z_ref, sr_ref, sc_ref, a_ref, l_ref, k_s, g_s, o_s, xq_s, xk_s, y_s):
         n, b, h = lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h")
         idx = (n, b, h)
-        intra.band_sums(intra._Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(k=k_s, a=g_s), idx, C), K // intra.BLOCK_K,
-                        o_s)
+
+        @pl.when(sc_ref[n, b, h] == 0)  # some row is unbounded: the exact bands
+        def _():
+            intra.band_sums(intra._Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(k=k_s, a=g_s), idx, C),
+                            K // intra.BLOCK_K, o_s)
 
         def off_diagonal(acc_p, acc_r):
             sub = plgpu.broadcasted_iota(jnp.int32, (C, bd), 0, layout=_WG) // SUB  # each row's sub-chunk
@@ -101,10 +140,14 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
                 load = lambda ref: plgpu.load(ref.at[idx].at[:, cs], layout=_WG, optimized=False).astype(_F32)
                 g, qx, kx = load(g_ref), load(q_ref), load(k_ref)
                 gn = [plgpu.load(g_ref.at[idx].at[p * SUB, cs], layout=_COL, optimized=False) for p in range(nc)]
-                own = jnp.exp(jnp.minimum(g - by_sub(gn[:-1], tile(gn[-1])), 0.0))  # e^{G − G_n(s)}
-                nxt = jnp.exp(jnp.minimum(by_sub(gn[1:], tile(gn[-1])) - g, 0.0))  # e^{G_n(s+1) − G}, s < nc − 1
+                gown = by_sub(gn[:-1], tile(gn[-1]))
+                own = jnp.exp(jnp.minimum(g - gown, 0.0) + sigma)  # e^{G − G_n(s) + σ}
+                # e^{G_n(s+1) − G − σ}, s < nc − 1
+                nxt = jnp.exp(jnp.minimum(by_sub(gn[1:], tile(gn[-1])) - g, 0.0) - sigma)
                 qo, ko, kn = qx * own, kx * own, kx * nxt
-                for p in range(1, nc):
+                if factored:  # e^{G_n(s) − G − σ} on the key rows of the diagonal sub-block (clamped: see above)
+                    kd = kx * jnp.exp(jnp.minimum(gown - g - sigma, 80.0))
+                for p in range(first_p, nc):
                     rows_p = sub == p
                     # e^{G_n(p) − G_n(s+1)} on the key rows of sub-chunk s < p − 1, 1 on those of p − 1
                     fac = by_sub([jnp.exp(jnp.minimum(gn[p] - gn[s_ + 1], 0.0)) for s_ in range(p - 1)], 1.0)
@@ -115,7 +158,8 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
                     xq, xk, y = xq_s.at[slot], xk_s.at[slot], y_s.at[slot]
                     xq[...] = jnp.where(rows_p, qo, 0.0).astype(_BF16)
                     xk[...] = jnp.where(rows_p, ko, 0.0).astype(_BF16)
-                    y[...] = jnp.where(sub < p, kn * fac, 0.0).astype(_BF16)
+                    before = jnp.where(sub < p, kn * fac, 0.0)
+                    y[...] = (jnp.where(rows_p, kd, before) if factored else before).astype(_BF16)
                     plgpu.commit_smem()
                     plgpu.wgmma(acc_p, xq, y.T)
                     plgpu.wgmma(acc_r, xk, y.T)
@@ -128,8 +172,10 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
         dist = rows - plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=_WG)
         row_vec = lambda ref: lax.broadcast_in_dim(plgpu.load(ref, layout=_ROW, optimized=False), (C, C), [0])
 
+        exact = row_vec(sr_ref.at[idx]) == 0.0  # unbounded rows (all rows unless factored)
+
         def diagonal(d, pr):  # band[δ, i] = M[i, i − δ]: exact for every causal pair at distance δ
-            return tuple(jnp.where(dist == d, row_vec(o_s.at[s, d]), m) for s, m in enumerate(pr))
+            return tuple(jnp.where((dist == d) & exact, row_vec(o_s.at[s, d]), m) for s, m in enumerate(pr))
 
         P, R = lax.fori_loop(0, SUB, diagonal, (P, R))
         zr = lax.broadcast_in_dim(plgpu.load(z_ref.at[n, b], layout=_ROW, optimized=False), (C, C), [0])
@@ -142,4 +188,4 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
     scratch = intra.band_scratch(C, k.dtype) + [_tiled((buffers, C, bd)) for _ in range(3)]
     kern = intra._kernel(body, name="kda_gated_blocks", interpret=interpret, grid=(N, B, H),
                          grid_names=("n", "b", "h"), out_type=out, scratch_types=scratch)
-    return kern(q, k, G, beta, zone)
+    return kern(q, k, G, beta, zone, safe_rows, safe_chunk)

@@ -88,12 +88,14 @@ class MosaicPasses:
     """The ``passes`` interface of ``kda_jax.ops.chunked`` on the state-pass and intra kernels."""
 
     def __init__(self, interpret: bool = False, fused_output: bool | None = None, intra_kernel: bool | None = None,
-                 blocks_kernel: bool | None = None, factors_kernel: bool | None = None):
+                 blocks_kernel: bool | None = None, factors_kernel: bool | None = None,
+                 factored_diagonal: bool | None = None):
         self.interpret = bool(interpret)
         self.fused_output = FUSED_OUTPUT if fused_output is None else bool(fused_output)
         self.intra_kernel = INTRA_KERNEL if intra_kernel is None else bool(intra_kernel)
         self.blocks_kernel = BLOCKS_KERNEL if blocks_kernel is None else bool(blocks_kernel)
         self.factors_kernel = FACTORS_KERNEL if factors_kernel is None else bool(factors_kernel)
+        self.factored_diagonal = blocks.FACTORED_DIAGONAL if factored_diagonal is None else bool(factored_diagonal)
 
     def gated_blocks(self, gating, q, k, qf, kf, beta, zones, scale):
         if not (self.intra_kernel and self.blocks_kernel):
@@ -102,7 +104,7 @@ class MosaicPasses:
         zone = (jnp.zeros((*G.shape[:2], G.shape[-2]), _F32) if zones.zone is None
                 else zones.zone[:, :, 0, :].astype(_F32))
         Aqk, L = blocks.gated_blocks(q.astype(k.dtype), k, G.astype(_F32), beta.astype(_F32), zone, scale=scale,
-                                     interpret=self.interpret)
+                                     interpret=self.interpret, factored=self.factored_diagonal)
         return Aqk.astype(G.dtype), L.astype(G.dtype)
 
     def forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones, scale):
@@ -156,7 +158,8 @@ class MosaicPasses:
         return dh0, dSn, dVn
 
     def _key(self):
-        return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel)
+        return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel,
+                self.factored_diagonal)
 
     def __hash__(self):
         return hash((type(self), self._key()))
@@ -166,7 +169,7 @@ class MosaicPasses:
 
 
 def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, interpret=False,
-               fused_output=None, intra_kernel=None, blocks_kernel=None, factors_kernel=None):
+               fused_output=None, intra_kernel=None, blocks_kernel=None, factors_kernel=None, factored_diagonal=None):
     """Canonical inputs (``kda_jax.ops.inputs.canonicalize``) -> (o, final state float32).
 
     Needs chunk_size 64 and K, V multiples of 64 (see ``supports``); ``interpret`` runs the
@@ -174,8 +177,10 @@ def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chun
     that are not differentiated (default ``FUSED_OUTPUT``); ``intra_kernel`` computes the diagonal sub-blocks of the gated
     products with the ``intra`` kernels (default ``INTRA_KERNEL``); ``blocks_kernel`` forms Aqk and L
     whole in ``blocks.gated_blocks`` (default ``BLOCKS_KERNEL``; needs ``intra_kernel``);
-    ``factors_kernel`` forms the forward's W, U, Kd, Qs in ``wy.forward_factors`` (default ``FACTORS_KERNEL``).
+    ``factors_kernel`` forms the forward's W, U, Kd, Qs in ``wy.forward_factors`` (default ``FACTORS_KERNEL``);
+    ``factored_diagonal``: in ``gated_blocks``, the diagonal sub-blocks of rows with bounded gates on the
+    tensor cores (default ``blocks.FACTORED_DIAGONAL``).
     """
-    passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel, factors_kernel)
+    passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel, factors_kernel, factored_diagonal)
     return kda_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets,
                        chunk_size=chunk_size, passes=passes)

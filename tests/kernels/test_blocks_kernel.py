@@ -37,15 +37,34 @@ def _reference(q, k, G, beta, zone, scale):
     return scale * np.where((j <= i) & same, P, 0.0), beta[..., None] * np.where((j < i) & same, R, 0.0)
 
 
-def _check(shape, dtype, interpret, seed, buffers=None, block_d=None):
+def _bounded_rows(G):
+    """[N, B, H, C, 1] bool: rows whose decay since their sub-chunk's first row is within SAFE_SPAN
+    in every channel (float64, from the kernel's float32 G)."""
+    G = np.asarray(G, np.float64)
+    Gb = G.reshape(*G.shape[:-2], -1, SUB, G.shape[-1])
+    span = (Gb[..., :1, :] - Gb).max(-1).reshape(G.shape[:-1])
+    return (span <= blocks.SAFE_SPAN)[..., None]
+
+
+def _check(shape, dtype, interpret, seed, buffers=None, block_d=None, factored=False, bounded_only=False):
+    """``factored``: rows with bounded gates take tensor-core values at every distance (bf16
+    operands), the others the exact bands; ``bounded_only``: no −1000 gates (every chunk skips the bands)."""
     N, B, H, C, K = shape
     q, k, G, rng = _inputs(*shape, dtype, seed)
+    if bounded_only:
+        G = jnp.asarray(np.cumsum(-np.logaddexp(0.0, 2.0 * rng.standard_normal(G.shape)), -2), jnp.float32)
     beta = jnp.asarray(rng.uniform(0.05, 1.0, (N, B, H, C)), jnp.float32)
     zone = _zones(N, B, C, rng)
     scale = K ** -0.5
     Aqk, L = blocks.gated_blocks(q, k, G, beta, jnp.asarray(zone), scale=scale, interpret=interpret, buffers=buffers,
-                                 block_d=block_d)
-    diag = np.arange(C)[:, None] - np.arange(C)[None, :] < SUB  # the exact bands (float32 sums), δ < 16
+                                 block_d=block_d, factored=factored)
+    bounded = _bounded_rows(G) if factored else np.zeros((N, B, H, C, 1), bool)
+    if bounded_only:
+        assert bounded.all()
+    elif factored:
+        assert bounded.any() and not bounded.all()  # both kinds of rows in the same chunks
+    # the exact bands (float32 sums): distances below 16 on unbounded rows
+    diag = (np.arange(C)[:, None] - np.arange(C)[None, :] < SUB) & ~bounded
     for name, got, want in zip(("Aqk", "L"), (Aqk, L), _reference(q, k, G, beta, zone, scale)):
         got = np.asarray(got, np.float64)
         assert np.isfinite(got).all(), name
@@ -54,8 +73,8 @@ def _check(shape, dtype, interpret, seed, buffers=None, block_d=None):
         assert not np.broadcast_to(~keep, got.shape)[got != 0].any(), f"{name}: entries outside the causal same-document pairs"
         top = np.abs(want).max()
         assert np.abs(np.where(diag, got - want, 0)).max() < 2e-6 * top, f"{name}: distances below {SUB}"
-        # the rest of the off-diagonal sub-blocks: bf16 operands (each rounded by ≤ 2^-9), float32 accumulation
-        off = ~diag & (np.arange(C)[:, None] > np.arange(C)[None, :])
+        # the rest: bf16 operands (each rounded by ≤ 2^-9), float32 accumulation
+        off = ~diag & (np.arange(C)[:, None] >= np.arange(C)[None, :] + int(strict))
         err = np.where(off, got - want, 0)
         assert np.abs(err).max() < 1e-2 * top, f"{name}: off-diagonal max error {np.abs(err).max():.2e} of {top:.2e}"
         rel = np.sqrt(np.sum(err ** 2) / np.sum(np.where(off, want, 0) ** 2))
@@ -66,6 +85,41 @@ def _check(shape, dtype, interpret, seed, buffers=None, block_d=None):
                          ids=["bf16-1-64", "bf16-2-32", "f32"])
 def test_interpret_matches_float64(dtype, buffers, block_d):
     _check((3, 1, 2, 64, 128), dtype, interpret=True, seed=3, buffers=buffers, block_d=block_d)
+
+
+# the anti-causal entries of a factored diagonal sub-block may overflow before they are masked
+_OVERFLOW_OK = pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",
+                                          "ignore:invalid value encountered:RuntimeWarning")
+
+
+@_OVERFLOW_OK
+@pytest.mark.parametrize("bounded_only", [False, True], ids=["mixed-rows", "bounded-chunks"])
+def test_interpret_factored_diagonal(bounded_only):
+    _check((3, 1, 2, 64, 128), jnp.bfloat16, interpret=True, seed=4, factored=True, bounded_only=bounded_only)
+
+
+@_OVERFLOW_OK
+def test_factored_diagonal_is_causal():
+    """An entry's value does not depend on later rows, bit for bit: changing the gates of the rows
+    after t (to unbounded ones, which moves the chunk off the band-free path) leaves rows ≤ t alone."""
+    N, B, H, C, K = 2, 1, 2, 64, 128
+    q, k, G, rng = _inputs(N, B, H, C, K, jnp.bfloat16, 6)
+    a = np.diff(np.asarray(G), axis=-2, prepend=0.0)
+    a = np.where(a < -100, -0.5, a)  # bounded everywhere
+    beta = jnp.asarray(rng.uniform(0.05, 1.0, (N, B, H, C)), jnp.float32)
+    zone = jnp.zeros((N, B, C), jnp.float32)
+    t = 37
+    b2 = a.copy()
+    b2[..., t + 1:, :] = np.where(rng.uniform(size=b2[..., t + 1:, :].shape) < 0.1, -1000.0, -2.0)
+    outs = []
+    for gates in (a, b2):
+        Gx = jnp.asarray(np.cumsum(gates, -2), jnp.float32)
+        outs.append([np.asarray(x) for x in blocks.gated_blocks(q, k, Gx, beta, zone, scale=0.1, interpret=True,
+                                                                 factored=True)])
+    assert np.asarray(blocks.bounded_rows(jnp.asarray(np.cumsum(a, -2), jnp.float32))[1]).all()
+    assert not np.asarray(blocks.bounded_rows(jnp.asarray(np.cumsum(b2, -2), jnp.float32))[1]).all()
+    for x, y in zip(*outs):
+        np.testing.assert_array_equal(x[..., : t + 1, :], y[..., : t + 1, :])
 
 
 def test_rejects_wrong_operands():
@@ -89,3 +143,11 @@ def test_rejects_wrong_operands():
 def test_gpu_matches_float64(dtype, K, buffers, block_d):
     assert jax.default_backend() == "gpu"
     _check((3, 2, 4, 64, K), dtype, interpret=False, seed=5, buffers=buffers, block_d=block_d)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("bounded_only", [False, True], ids=["mixed-rows", "bounded-chunks"])
+@pytest.mark.parametrize("K", [64, 128])
+def test_gpu_factored_diagonal(K, bounded_only):
+    assert jax.default_backend() == "gpu"
+    _check((3, 2, 4, 64, K), jnp.bfloat16, interpret=False, seed=7, factored=True, bounded_only=bounded_only)
