@@ -55,15 +55,15 @@ from kda_jax.kernels.state_pass import _BF16, _F32, _ROW, _WG, _tiled, check_ope
 SUB = intra.SUB
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column of a WGMMA-layout tile
 BLOCK_D = 64  # channels per wgmma operand tile where a kernel names no other (bf16 rows of 128 bytes)
-# Channels per off-diagonal operand tile of ``gated_blocks``, and the widths it accepts. At 64 the
-# kernel needs 255 registers (12 bytes spilled), at 32 181 (none), but both allow two CTAs per SM and
-# took the same time (benchmarks/NOTES.md v7); 64 is the setting the whole op's GPU tests ran with.
-OFF_BLOCK_D = 64
+# Channels per operand tile of ``gated_blocks``' tensor-core products, and the widths it accepts. With
+# the exact bands on every row, 64 (255 registers, 12 bytes spilled) and 32 (181) took the same time
+# (benchmarks/NOTES.md v7); with the factored diagonal, 64 spills ~600 bytes and takes 0.45–0.49 ms
+# against 0.37–0.38 at 32 (v10, H200, mid shape).
+OFF_BLOCK_D = 32
 OFF_BLOCK_CHOICES = (32, 64)
-# Sets of off-diagonal operand tiles in shared memory: with 2, the next sub-chunk's tiles are formed
-# while the tensor cores read the previous ones. 1 and 2 took the same time (0.71 ms at the mid shape,
-# H200, benchmarks/chunk_kernels.py); 1 is the setting the whole op's GPU tests ran with (edb2ece).
-OPERAND_BUFFERS = 1
+# Sets of operand tiles in shared memory: with 2, the next sub-chunk's tiles are formed while the
+# tensor cores read the previous ones (0.374 against 0.383 ms at 32 channels, v10).
+OPERAND_BUFFERS = 2
 # The diagonal sub-blocks of rows whose gates are bounded, on the tensor cores (module docstring,
 # "Bounded rows"): read while tracing when a call names no ``factored``.
 FACTORED_DIAGONAL = True

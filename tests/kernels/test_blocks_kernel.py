@@ -146,8 +146,10 @@ def test_gpu_matches_float64(dtype, K, buffers, block_d):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("buffers,block_d", [(None, None), (1, 64)], ids=["defaults", "1-64"])
 @pytest.mark.parametrize("bounded_only", [False, True], ids=["mixed-rows", "bounded-chunks"])
 @pytest.mark.parametrize("K", [64, 128])
-def test_gpu_factored_diagonal(K, bounded_only):
+def test_gpu_factored_diagonal(K, bounded_only, buffers, block_d):
     assert jax.default_backend() == "gpu"
-    _check((3, 2, 4, 64, K), jnp.bfloat16, interpret=False, seed=7, factored=True, bounded_only=bounded_only)
+    _check((3, 2, 4, 64, K), jnp.bfloat16, interpret=False, seed=7, buffers=buffers, block_d=block_d, factored=True,
+           bounded_only=bounded_only)
