@@ -45,8 +45,6 @@ _PAD = {2: 8, 4: 8}
 APPROX_EXP = True
 # Distances per iteration of the adjoint's loops (fully unrolled, the kernel needed 253 registers).
 ADJOINT_UNROLL = 1
-# Distances per iteration of ``band_sums``' loop (fully unrolled, it stalled on instruction fetch).
-BAND_UNROLL = 1
 
 
 def _kernel(body, **kw):
@@ -174,7 +172,7 @@ def band_sums(t, nb, o_s):
                 acc[...] = part if cb == 0 else plgpu.load(acc, layout=_ROW, optimized=False) + part
             return t.decay(D, d + 1, -1)
 
-        lax.fori_loop(0, SUB, step, _ones(t.C), unroll=BAND_UNROLL)
+        lax.fori_loop(0, SUB, step, _ones(t.C))
 
 
 @functools.partial(jax.jit, static_argnames=("interpret",))

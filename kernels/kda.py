@@ -3,8 +3,9 @@
 ``kda_mosaic`` is ``kda_jax.ops.chunked.kda_chunked`` with ``passes=MosaicPasses()``: the same
 chunked algorithm and one backward, with pieces of it moved onto kernels. Kernels run the two
 recurrences over the chunks (forward states and the reverse sweep of dS, ``state_pass``), Aqk and
-L whole in the forward (``blocks``: the exact diagonal bands and the off-diagonal sub-blocks on
-the tensor cores, masks included) and the diagonal sub-blocks' adjoints in the backward
+L whole in the forward (``blocks``: the off-diagonal sub-blocks, and the diagonal ones of rows
+with bounded gates, on the tensor cores with a causal anchor; the exact diagonal bands for the
+other rows; masks included) and the diagonal sub-blocks' adjoints in the backward
 (``intra``; "bands" ``band[δ, i] = M[i, i − δ]``, converted from and to blocks here by static
 gathers); ``wy`` can form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off). The triangular
 inverse, the gating factors of the backward and the gradients that follow from the chunk states
@@ -29,8 +30,8 @@ _BF16, _F32 = jnp.bfloat16, jnp.float32
 FUSED_OUTPUT = True
 # The head sizes (K, V) at which the compiled fused kernel is GPU-tested: (128, 128) by those tests,
 # (64, 64) and (64, 128) by ``test_gpu_matches_float64_recurrence`` (its undifferentiated call, against
-# float64; H200, commit in benchmarks/NOTES.md v10). Other sizes keep ``forward_output``; interpret
-# mode (CPU tests) runs the kernel at any size.
+# float64; H200, commit 6345bd7, benchmarks/NOTES.md v10). Other sizes keep ``forward_output``;
+# interpret mode (CPU tests) runs the kernel at any size.
 FUSED_OUTPUT_KV = ((128, 128), (64, 64), (64, 128))
 # The exact diagonal sub-blocks of the gated products on the ``intra`` kernels instead of XLA. With it
 # on, the kernel GPU tests (tests/kernels/test_mosaic.py and test_intra_kernel.py, ``-m gpu``: 17)
