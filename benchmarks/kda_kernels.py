@@ -135,7 +135,9 @@ def jax_impls(unroll_ablation=False):
              # the diagonal sub-blocks in XLA (INTRA_KERNEL off)
              "kda_jax.mosaic[xla_diag]": _mosaic_with(intra_kernel=False),
              # every row's diagonal sub-blocks from the exact bands (FACTORED_DIAGONAL off)
-             "kda_jax.mosaic[exact_diagonal]": _mosaic_with(factored_diagonal=False)}
+             "kda_jax.mosaic[exact_diagonal]": _mosaic_with(factored_diagonal=False),
+             # the backward's diagonal adjoints with bounded rows on the tensor cores (FACTORED_ADJOINT)
+             "kda_jax.mosaic[factored_adjoint]": _mosaic_with(factored_adjoint=True)}
     if unroll_ablation:
         impls["kda_jax.chunked[unroll=1]"] = _chunked_with_unroll(1)
     try:

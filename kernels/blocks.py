@@ -77,6 +77,36 @@ SAFE_SPAN = 120.0
 _check = functools.partial(check_operand, "gated_blocks")
 
 
+class _Rows:
+    """Per-row helpers on ``[C, width]`` WGMMA-layout tiles of one chunk: ``sub`` is each row's
+    sub-chunk, ``by_sub`` spreads per-sub-chunk column vectors over the rows."""
+
+    def __init__(self, C, width):
+        self.shape = (C, width)
+        self.sub = plgpu.broadcasted_iota(jnp.int32, self.shape, 0, layout=_WG) // SUB
+
+    def tile(self, col):
+        return lax.broadcast_in_dim(col, self.shape, [1])
+
+    def by_sub(self, cols, rest):
+        """Column vector ``cols[s]`` on the rows of sub-chunk s, ``rest`` on the later rows."""
+        m = rest
+        for s, c in enumerate(cols):
+            m = jnp.where(self.sub == s, self.tile(c), m)
+        return m
+
+    def anchored(self, g, gn, sigma):
+        """``(e^{G − G_n(s) + σ}, e^{min(G_n(s) − G − σ, 80)})`` with s each row's own sub-chunk, from
+        the G tile ``g`` and its rows n(s) = 16s as column vectors ``gn`` (module docstring)."""
+        gown = self.by_sub(gn[:-1], self.tile(gn[-1]))
+        return jnp.exp(jnp.minimum(g - gown, 0.0) + sigma), jnp.exp(jnp.minimum(gown - g - sigma, 80.0))
+
+
+def first_rows(g_ref, cols, nc):
+    """G at the first row of each sub-chunk, column vectors over ``cols`` (``g_ref``: one chunk)."""
+    return [plgpu.load(g_ref.at[p * SUB, cols], layout=_COL, optimized=False) for p in range(nc)]
+
+
 def bounded_rows(G):
     """``([N, B, H, C], [N, B, H])`` float32 and int32: 1 where a row's decay since the first row of
     its sub-chunk is at most ``SAFE_SPAN`` in every channel, and where every row of the chunk is so."""
@@ -125,32 +155,23 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
                             K // intra.BLOCK_K, o_s)
 
         def off_diagonal(acc_p, acc_r):
-            sub = plgpu.broadcasted_iota(jnp.int32, (C, bd), 0, layout=_WG) // SUB  # each row's sub-chunk
-            tile = lambda col: lax.broadcast_in_dim(col, (C, bd), [1])
-
-            def by_sub(cols, rest):  # column vector cols[s] on the rows of sub-chunk s, ``rest`` on later rows
-                m = rest
-                for s_, c in enumerate(cols):
-                    m = jnp.where(sub == s_, tile(c), m)
-                return m
-
+            rw = _Rows(C, bd)
+            sub = rw.sub
             it = 0
             for cb in range(K // bd):
                 cs = pl.ds(cb * bd, bd)
                 load = lambda ref: plgpu.load(ref.at[idx].at[:, cs], layout=_WG, optimized=False).astype(_F32)
                 g, qx, kx = load(g_ref), load(q_ref), load(k_ref)
-                gn = [plgpu.load(g_ref.at[idx].at[p * SUB, cs], layout=_COL, optimized=False) for p in range(nc)]
-                gown = by_sub(gn[:-1], tile(gn[-1]))
-                own = jnp.exp(jnp.minimum(g - gown, 0.0) + sigma)  # e^{G − G_n(s) + σ}
+                gn = first_rows(g_ref.at[idx], cs, nc)
+                own, kd = rw.anchored(g, gn, sigma)  # e^{G − G_n(s) + σ}, and its key-side partner
                 # e^{G_n(s+1) − G − σ}, s < nc − 1
-                nxt = jnp.exp(jnp.minimum(by_sub(gn[1:], tile(gn[-1])) - g, 0.0) - sigma)
+                nxt = jnp.exp(jnp.minimum(rw.by_sub(gn[1:], rw.tile(gn[-1])) - g, 0.0) - sigma)
                 qo, ko, kn = qx * own, kx * own, kx * nxt
-                if factored:  # e^{G_n(s) − G − σ} on the key rows of the diagonal sub-block (clamped: see above)
-                    kd = kx * jnp.exp(jnp.minimum(gown - g - sigma, 80.0))
+                kd = kx * kd  # the key rows of the diagonal sub-block (factored only)
                 for p in range(first_p, nc):
                     rows_p = sub == p
                     # e^{G_n(p) − G_n(s+1)} on the key rows of sub-chunk s < p − 1, 1 on those of p − 1
-                    fac = by_sub([jnp.exp(jnp.minimum(gn[p] - gn[s_ + 1], 0.0)) for s_ in range(p - 1)], 1.0)
+                    fac = rw.by_sub([jnp.exp(jnp.minimum(gn[p] - gn[s_ + 1], 0.0)) for s_ in range(p - 1)], 1.0)
                     slot = it % buffers
                     if it >= buffers:  # the products that read this slot's tiles are done
                         plgpu.wgmma_wait(2 * (buffers - 1))

@@ -191,39 +191,51 @@ def band_adjoint(q, k, G, rows, cols, *, interpret=False):
         plgpu.copy_gmem_to_smem(c_ref.at[idx], c_s, bar)
         t = _Tiles(dict(q=q_ref, k=k_ref, G=g_ref), dict(q=q_s, k=k_s, a=g_s), idx, C)
         plgpu.barrier_wait(bar)
-        band = lambda ref, s, d: _row(plgpu.load(ref.at[s, d], layout=_ROW, optimized=False), C)
         for cb in range(nb):
             t.stage(cb)
             cols_ = pl.ds(cb * BLOCK_K, BLOCK_K)
-
-            def rows_step(d, carry):  # D = e^{G_i − G_{i−δ}}
-                D = t.decay(carry[-1], d, -1)
-                y = t.shifted("k", d, -1) * D
-                return tuple(a + band(r_s, s, d) * y for s, a in enumerate(carry[:-1])) + (D,)
-
-            def col_step(d, carry):  # D = e^{G_{j+δ} − G_j}
-                acc, D = carry
-                D = t.decay(D, d, 1)
-                x = band(c_s, 0, d) * t.shifted("k", d) + band(c_s, 1, d) * t.shifted("q", d)
-                return acc + x * D, D
-
-            # the row adjoints first, then the column sum (fewer live tiles); δ = 0 (decay 1) starts
-            # each sum, a loop over the other distances keeps the compiler from hoisting all their loads
-            kc = t.shifted("k", 0)
-            ones = _ones(C)
-            row_l, row_p, _ = lax.fori_loop(1, SUB, rows_step, (band(r_s, 0, 0) * kc, band(r_s, 1, 0) * kc, ones),
-                                            unroll=ADJOINT_UNROLL)
+            row_l, row_p, col = adjoint_sums(t, r_s, c_s)
             rl_ref.at[idx].at[:, cols_][...] = row_l
             rp_ref.at[idx].at[:, cols_][...] = row_p
-            col, _ = lax.fori_loop(1, SUB, col_step, (band(c_s, 0, 0) * kc + band(c_s, 1, 0) * t.shifted("q", 0), ones),
-                                   unroll=ADJOINT_UNROLL)
             col_ref.at[idx].at[:, cols_][...] = col
 
-    rows_ = C + 2 * SUB
     out = tuple(jax.ShapeDtypeStruct((N, B, H, C, K), _F32) for _ in range(3))
     kern = _kernel(body, name="kda_intra_band_adjoint", interpret=interpret, grid=(N, B, H),
                    grid_names=("n", "b", "h"), out_type=out,
-                   scratch_types=[_padded(rows_, q.dtype), _padded(rows_, k.dtype), _padded(rows_, _F32),
-                                  plgpu.SMEM((2, SUB, C), _F32), plgpu.SMEM((2, SUB, C), _F32),
-                                  plgpu.Barrier(num_arrivals=2)])
+                   scratch_types=adjoint_scratch(C, q.dtype) + [plgpu.Barrier(num_arrivals=2)])
     return kern(q, k, G, rows, cols)
+
+
+def adjoint_scratch(C, dtype):
+    """Shared memory of ``adjoint_sums``: the staged q, k and a blocks, the row and column bands."""
+    rows = C + 2 * SUB
+    return [_padded(rows, dtype), _padded(rows, dtype), _padded(rows, _F32), plgpu.SMEM((2, SUB, C), _F32),
+            plgpu.SMEM((2, SUB, C), _F32)]
+
+
+def adjoint_sums(t, r_s, c_s):
+    """``(row_L, row_P, col)`` ``[C, BLOCK_K]`` float32 of the staged column block of ``t`` (``_Tiles``
+    over q, k and a) from the row and column bands in shared memory (``band_adjoint``)."""
+    C = t.C
+    band = lambda ref, s, d: _row(plgpu.load(ref.at[s, d], layout=_ROW, optimized=False), C)
+
+    def rows_step(d, carry):  # D = e^{G_i − G_{i−δ}}
+        D = t.decay(carry[-1], d, -1)
+        y = t.shifted("k", d, -1) * D
+        return tuple(a + band(r_s, s, d) * y for s, a in enumerate(carry[:-1])) + (D,)
+
+    def col_step(d, carry):  # D = e^{G_{j+δ} − G_j}
+        acc, D = carry
+        D = t.decay(D, d, 1)
+        x = band(c_s, 0, d) * t.shifted("k", d) + band(c_s, 1, d) * t.shifted("q", d)
+        return acc + x * D, D
+
+    # the row adjoints first, then the column sum (fewer live tiles); δ = 0 (decay 1) starts each
+    # sum, a loop over the other distances keeps the compiler from hoisting all their loads
+    kc = t.shifted("k", 0)
+    ones = _ones(C)
+    row_l, row_p, _ = lax.fori_loop(1, SUB, rows_step, (band(r_s, 0, 0) * kc, band(r_s, 1, 0) * kc, ones),
+                                    unroll=ADJOINT_UNROLL)
+    col, _ = lax.fori_loop(1, SUB, col_step, (band(c_s, 0, 0) * kc + band(c_s, 1, 0) * t.shifted("q", 0), ones),
+                           unroll=ADJOINT_UNROLL)
+    return row_l, row_p, col

@@ -6,8 +6,8 @@ recurrences over the chunks (forward states and the reverse sweep of dS, ``state
 L whole in the forward (``blocks``: the off-diagonal sub-blocks, and the diagonal ones of rows
 with bounded gates, on the tensor cores with a causal anchor; the exact diagonal bands for the
 other rows; masks included) and the diagonal sub-blocks' adjoints in the backward
-(``intra``; "bands" ``band[δ, i] = M[i, i − δ]``, converted from and to blocks here by static
-gathers); ``wy`` can form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off). The triangular
+(``intra``, or ``adjoint`` with the bounded rows on the tensor cores: ``FACTORED_ADJOINT``; "bands"
+``band[δ, i] = M[i, i − δ]``, converted from and to blocks here by static gathers); ``wy`` can form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off). The triangular
 inverse, the gating factors of the backward and the gradients that follow from the chunk states
 stay XLA. Operands the state passes and the tensor-core products read are rounded to bf16 (the
 state and all accumulations stay float32), so float32 inputs give bf16-level agreement, within the
@@ -19,8 +19,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from kda_jax.kernels import blocks, intra, state_pass, wy
-from kda_jax.ops.chunked import ScanPasses, _diag_blocks, kda_chunked
+from kda_jax.kernels import adjoint, blocks, intra, state_pass, wy
+from kda_jax.ops.chunked import ScanPasses, _block_diag, _diag_blocks, kda_chunked
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 # ``output_pass`` (the forward state pass that also forms o, h and Vn never reach HBM) for calls that
@@ -51,6 +51,11 @@ BLOCKS_KERNEL = True
 # replaces at the mid shape (benchmarks/NOTES.md v8), so it stays off; a building block of the fused
 # forward (NOTES "Next").
 FACTORS_KERNEL = False
+# The backward's diagonal adjoints with the bounded rows on the tensor cores (``adjoint.diagonal_adjoint``,
+# the counterpart of the forward's factored diagonal) instead of ``intra.band_adjoint`` on every row.
+# Tested in interpret mode (tests/kernels/test_adjoint_kernel.py, test_mosaic.py); its GPU tests
+# (``-m gpu`` in the same files) have not run yet, so it stays off (benchmarks/NOTES.md v10, Next 0a).
+FACTORED_ADJOINT = False
 
 _SUB = intra.SUB
 _R, _C = np.arange(_SUB)[:, None], np.arange(_SUB)[None, :]
@@ -90,13 +95,14 @@ class MosaicPasses:
 
     def __init__(self, interpret: bool = False, fused_output: bool | None = None, intra_kernel: bool | None = None,
                  blocks_kernel: bool | None = None, factors_kernel: bool | None = None,
-                 factored_diagonal: bool | None = None):
+                 factored_diagonal: bool | None = None, factored_adjoint: bool | None = None):
         self.interpret = bool(interpret)
         self.fused_output = FUSED_OUTPUT if fused_output is None else bool(fused_output)
         self.intra_kernel = INTRA_KERNEL if intra_kernel is None else bool(intra_kernel)
         self.blocks_kernel = BLOCKS_KERNEL if blocks_kernel is None else bool(blocks_kernel)
         self.factors_kernel = FACTORS_KERNEL if factors_kernel is None else bool(factors_kernel)
         self.factored_diagonal = blocks.FACTORED_DIAGONAL if factored_diagonal is None else bool(factored_diagonal)
+        self.factored_adjoint = FACTORED_ADJOINT if factored_adjoint is None else bool(factored_adjoint)
 
     def gated_blocks(self, gating, q, k, qf, kf, beta, zones, scale):
         if not (self.intra_kernel and self.blocks_kernel):
@@ -129,9 +135,20 @@ class MosaicPasses:
         dMd = _diag_blocks(dMs).astype(_F32)  # [2, ..., nc, 16, 16]
         nc = dMd.shape[-3]
         b = beta.astype(_F32).reshape(*beta.shape[:-1], nc, _SUB)[..., None]
+        G = gating.G.astype(_F32)
+        args = (q.astype(k.dtype), k, G)
+        if self.factored_adjoint:
+            safe_rows, safe_chunk = blocks.bounded_rows(G)
+            bounded = safe_rows.reshape(*safe_rows.shape[:-1], nc, _SUB)[..., None] > 0  # row i
+            dMb, dMd = jnp.where(bounded, dMd, 0.0), jnp.where(bounded, 0.0, dMd)  # tensor cores / bands
+            bd = jnp.stack([_block_diag(dMb[0]), _block_diag(dMb[1]), _block_diag((dMb[0] * b).swapaxes(-1, -2)),
+                            _block_diag(dMb[1].swapaxes(-1, -2))], axis=-3).astype(_BF16)
         cols = jnp.stack([dMd[0] * b, dMd[1]])  # β_i folded into the L rows
-        rl, rp, col = intra.band_adjoint(q.astype(k.dtype), k, gating.G.astype(_F32), blocks_to_row_bands(dMd),
-                                         blocks_to_col_bands(cols), interpret=self.interpret)
+        bands = (blocks_to_row_bands(dMd), blocks_to_col_bands(cols))
+        if self.factored_adjoint:
+            rl, rp, col = adjoint.diagonal_adjoint(*args, *bands, bd, safe_chunk, interpret=self.interpret)
+        else:
+            rl, rp, col = intra.band_adjoint(*args, *bands, interpret=self.interpret)
         dt = gating.G.dtype
         return jnp.stack([rl, rp]).astype(dt), col.astype(dt)
 
@@ -160,7 +177,7 @@ class MosaicPasses:
 
     def _key(self):
         return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel,
-                self.factored_diagonal)
+                self.factored_diagonal, self.factored_adjoint)
 
     def __hash__(self):
         return hash((type(self), self._key()))
@@ -170,7 +187,8 @@ class MosaicPasses:
 
 
 def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, interpret=False,
-               fused_output=None, intra_kernel=None, blocks_kernel=None, factors_kernel=None, factored_diagonal=None):
+               fused_output=None, intra_kernel=None, blocks_kernel=None, factors_kernel=None, factored_diagonal=None,
+               factored_adjoint=None):
     """Canonical inputs (``kda_jax.ops.inputs.canonicalize``) -> (o, final state float32).
 
     Needs chunk_size 64 and K, V multiples of 64 (see ``supports``); ``interpret`` runs the
@@ -180,8 +198,10 @@ def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chun
     whole in ``blocks.gated_blocks`` (default ``BLOCKS_KERNEL``; needs ``intra_kernel``);
     ``factors_kernel`` forms the forward's W, U, Kd, Qs in ``wy.forward_factors`` (default ``FACTORS_KERNEL``);
     ``factored_diagonal``: in ``gated_blocks``, the diagonal sub-blocks of rows with bounded gates on the
-    tensor cores (default ``blocks.FACTORED_DIAGONAL``).
+    tensor cores (default ``blocks.FACTORED_DIAGONAL``); ``factored_adjoint``: the same in the backward's
+    diagonal adjoints (``adjoint.diagonal_adjoint``, default ``FACTORED_ADJOINT``).
     """
-    passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel, factors_kernel, factored_diagonal)
+    passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel, factors_kernel, factored_diagonal,
+                          factored_adjoint)
     return kda_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets,
                        chunk_size=chunk_size, passes=passes)

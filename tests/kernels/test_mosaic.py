@@ -18,13 +18,13 @@ from tests.ops.helpers import GRAD_NAMES, check_against_oracle, make_inputs, rel
 on_gpu = jax.default_backend() == "gpu"
 
 
-def _mosaic(resets=None, interpret=True, fused_output=None, blocks_kernel=None, factors_kernel=None):
+def _mosaic(resets=None, interpret=True, **switches):
+    """``kda_mosaic`` with its switches (``fused_output``, ``blocks_kernel``, ...; defaults where not named)."""
     from kda_jax.kernels.kda import kda_mosaic
 
     def fn(q, k, v, g, beta, h0):
         return kda_mosaic(q, k, v, g, beta, scale=q.shape[-1] ** -0.5, initial_state=h0, resets=resets,
-                          interpret=interpret, fused_output=fused_output, blocks_kernel=blocks_kernel,
-                          factors_kernel=factors_kernel)
+                          interpret=interpret, **switches)
     return fn
 
 
@@ -94,6 +94,14 @@ def test_interpret_matches_float64_recurrence(shape, dtype, gate, fused, blocks,
     x = make_inputs(*shape, dtype=dtype, gate=gate, seed=sum(shape))
     check_against_oracle(_mosaic(fused_output=fused, blocks_kernel=blocks, factors_kernel=factors), x,
                          label=f"mosaic {shape}", primal=fused)
+
+
+@pytest.mark.parametrize("gate", ["normal", "strong"])
+def test_interpret_factored_adjoint(gate):
+    """The backward's diagonal adjoints by ``adjoint.diagonal_adjoint`` (``FACTORED_ADJOINT``): every row
+    bounded (``normal``), or most rows through the exact bands (``strong``); GVA, padding, h0."""
+    x = make_inputs(1, 150, 1, 2, 64, 64, dtype=jnp.bfloat16, gate=gate, seed=5)
+    check_against_oracle(_mosaic(factored_adjoint=True), x, label=f"mosaic factored adjoint {gate}")
 
 
 @pytest.mark.parametrize("blocks,factors", [(False, False), (True, True)], ids=["xla-chunk-pieces", "chunk-kernels"])
@@ -218,7 +226,9 @@ def test_gpu_fused_output_packed_documents_h0(dtype):
 
 # the chunk-parallel kernels: Aqk and L by ``blocks.gated_blocks`` (``BLOCKS_KERNEL``), and with them
 # W, U, Kd, Qs by ``wy.forward_factors`` (``FACTORS_KERNEL``); name -> (switches, seed offset)
-_CHUNK_KERNELS = {"blocks": (dict(blocks_kernel=True), 0), "factors": (dict(blocks_kernel=True, factors_kernel=True), 1)}
+# and the backward's diagonal adjoints by ``adjoint.diagonal_adjoint`` (``FACTORED_ADJOINT``)
+_CHUNK_KERNELS = {"blocks": (dict(blocks_kernel=True), 0), "factors": (dict(blocks_kernel=True, factors_kernel=True), 1),
+                  "adjoint": (dict(factored_adjoint=True), 2)}
 
 
 @pytest.mark.gpu
@@ -228,6 +238,14 @@ def test_gpu_chunk_kernels_match_float64_recurrence(shape, kernels):
     switches, off = _CHUNK_KERNELS[kernels]
     x = make_inputs(*shape, dtype=jnp.bfloat16, gate="strong", seed=sum(shape) + 2 + off)
     check_against_oracle(_mosaic(interpret=False, **switches), x, label=f"mosaic {kernels} gpu {shape}", primal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "B{}T{}H{}HV{}K{}V{}".format(*s))
+def test_gpu_factored_adjoint_bounded_gates(shape):
+    """``FACTORED_ADJOINT`` where every row is bounded (the band-free path in both directions)."""
+    x = make_inputs(*shape, dtype=jnp.bfloat16, seed=sum(shape) + 5)
+    check_against_oracle(_mosaic(interpret=False, factored_adjoint=True), x, label=f"mosaic factored adjoint gpu {shape}")
 
 
 @pytest.mark.gpu
