@@ -56,7 +56,8 @@ def diagonal_adjoint(q, k, G, rows, cols, bd, bounded, *, interpret=False):
         n, b, h = lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h")
         idx = (n, b, h)
         outs = (rl_ref, rp_ref, col_ref)
-        for src, dst in ((r_ref.at[idx], r_s), (c_ref.at[idx], c_s), *((bd_ref.at[idx].at[m], bd_s.at[m]) for m in range(4))):
+        copies = [(r_ref.at[idx], r_s), (c_ref.at[idx], c_s)] + [(bd_ref.at[idx].at[m], bd_s.at[m]) for m in range(4)]
+        for src, dst in copies:
             plgpu.copy_gmem_to_smem(src, dst, bar)
         plgpu.barrier_wait(bar)
         rw = blocks._Rows(C, w)

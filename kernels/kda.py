@@ -7,11 +7,12 @@ L whole in the forward (``blocks``: the off-diagonal sub-blocks, and the diagona
 with bounded gates, on the tensor cores with a causal anchor; the exact diagonal bands for the
 other rows; masks included) and the diagonal sub-blocks' adjoints in the backward
 (``intra``, or ``adjoint`` with the bounded rows on the tensor cores: ``FACTORED_ADJOINT``; "bands"
-``band[δ, i] = M[i, i − δ]``, converted from and to blocks here by static gathers); ``wy`` can form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off). The triangular
-inverse, the gating factors of the backward and the gradients that follow from the chunk states
-stay XLA. Operands the state passes and the tensor-core products read are rounded to bf16 (the
-state and all accumulations stay float32), so float32 inputs give bf16-level agreement, within the
-thresholds of kda_spec §5.3; the diagonal bands are float32 sums.
+``band[δ, i] = M[i, i − δ]``, converted from and to blocks here by static gathers); ``wy`` can
+form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off). The triangular inverse, the gating
+factors of the backward and the gradients that follow from the chunk states stay XLA. Operands the
+state passes and the tensor-core products read are rounded to bf16 (the state and all accumulations
+stay float32), so float32 inputs give bf16-level agreement, within the thresholds of kda_spec §5.3;
+the diagonal bands are float32 sums.
 """
 
 from __future__ import annotations

@@ -33,8 +33,9 @@ def _check(shape, dtype, interpret, seed, bounded_only):
     f64 = lambda x: jnp.asarray(np.asarray(jnp.asarray(x, jnp.float32), np.float64))  # x64: tests/conftest.py
     want_rows, want_col = SCAN.intra_diag_adjoint(_Gating(f64(G)), f64(q), f64(k), f64(beta), f64(dMs))
     want_rows, want_col = np.asarray(want_rows), np.asarray(want_col)
-    for name, got, want, exact in (("row_L", got_rows[0], want_rows[0], ~bounded), ("row_P", got_rows[1], want_rows[1], ~bounded),
-                                   ("col", got_col, want_col, np.zeros_like(bounded))):
+    cases = (("row_L", got_rows[0], want_rows[0], ~bounded), ("row_P", got_rows[1], want_rows[1], ~bounded),
+             ("col", got_col, want_col, np.zeros_like(bounded)))
+    for name, got, want, exact in cases:
         got = np.asarray(got, np.float64)
         assert np.isfinite(got).all(), name
         top = np.abs(want).max()
