@@ -4,8 +4,8 @@
 bitwise equal across them), ``intra.band_lower`` (the part of it that ``INTRA_KERNEL`` alone ran),
 ``intra.band_adjoint`` and ``wy.forward_factors``; ``gated_blocks_exact`` is the kernel with every
 row's diagonal sub-blocks from the exact bands (``factored=False``; the inputs' gates are bounded, so
-by default every chunk skips them). Each figure is the best of three rounds of
-``--iters`` calls issued back to back with one wait. Needs a GPU.
+by default every chunk skips them). Each figure is the best of three rounds of ``--iters`` calls
+issued back to back with one wait. Needs a GPU.
 
     python benchmarks/chunk_kernels.py --shape mid --out benchmarks/results/chunk_kernels_<gpu>.json
 """
@@ -83,16 +83,15 @@ def main():
                                                             factored=False)[0]
     fns["forward_factors"] = lambda: wy.forward_factors(x["q"], x["k"], x["v"], x["G"], x["beta"], x["T"], x["ones"],
                                                         x["ones"], scale=s)
-    first = {}
+    first = None
     ms = {}
     for name, fn in fns.items():
         ms[name] = rate(fn, a.iters)
-        kernel = name.split("[")[0]
-        if kernel == "gated_blocks":
+        if name.startswith("gated_blocks["):
             out = np.asarray(fn())
-            ref = first.setdefault(kernel, out)
-            if not np.array_equal(out, ref):
-                raise SystemExit(f"{name}: output differs from the first {kernel} variant")
+            first = out if first is None else first
+            if not np.array_equal(out, first):
+                raise SystemExit(f"{name}: Aqk differs from the first gated_blocks variant")
         print(f"{name:40s} {ms[name]:.3f} ms", flush=True)
     gpu = jax.devices()[0].device_kind
     out = a.out or os.path.join(os.path.dirname(__file__), "results",

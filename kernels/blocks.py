@@ -167,7 +167,8 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
                 # e^{G_n(s+1) − G − σ}, s < nc − 1
                 nxt = jnp.exp(jnp.minimum(rw.by_sub(gn[1:], rw.tile(gn[-1])) - g, 0.0) - sigma)
                 qo, ko, kn = qx * own, kx * own, kx * nxt
-                kd = kx * kd  # the key rows of the diagonal sub-block (factored only)
+                if factored:
+                    kd = kx * kd  # the key rows of the diagonal sub-block
                 for p in range(first_p, nc):
                     rows_p = sub == p
                     # e^{G_n(p) − G_n(s+1)} on the key rows of sub-chunk s < p − 1, 1 on those of p − 1

@@ -73,7 +73,7 @@ class _Tiles:
     (rows [SUB, SUB + C) hold the chunk; the SUB rows on either side hold rows of the same chunk,
     as finite filler). One shared buffer per operand serves all the column blocks. The buffer
     named ``a`` holds the per-row decay a_i = e^{min(G_i − G_{i−1}, 0)} in place of G, so that a
-    band's decay e^{G_i − G_{i∓δ}} is a running product over δ (``decays``), not an exponential."""
+    band's decay e^{G_i − G_{i∓δ}} is a running product over δ (``decay``), not an exponential."""
 
     def __init__(self, refs, smem, idx, C):
         self.refs, self.smem, self.idx, self.C = refs, smem, idx, C
@@ -121,7 +121,7 @@ class _Tiles:
 
 def _decay(hi, lo):
     """e^{min(hi − lo, 0)}: exact for causal pairs (hi − lo ≤ 0), finite for discarded ones."""
-    return jnp.exp(jnp.minimum(hi.astype(_F32) - lo, 0.0))
+    return jnp.exp(jnp.minimum(hi - lo, 0.0))
 
 
 def _ones(C):

@@ -277,8 +277,8 @@ def test_gpu_strong_gates_packed_documents_front_door():
 @pytest.mark.parametrize("gate", ["strong", "normal"])
 def test_gpu_causality(gate):
     """Changing inputs at t >= t0 changes neither outputs before t0 nor the gradients of inputs before t0
-    (``normal`` gates: every row bounded, the factored diagonal; ``strong``: the exact bands on most rows,
-    and the chunk of t0 switches between the two when the later gates change)."""
+    (``normal``: every row before t0 bounded, and the chunk of t0 moves from the band-free path to the
+    exact bands when the later gates become ``strong``, i.e. unbounded; ``strong``: mostly the bands)."""
     T, t0 = 1000, 300
     x = make_inputs(1, T, 2, 2, 128, 128, dtype=jnp.bfloat16, gate=gate, seed=41)
     y = make_inputs(1, T, 2, 2, 128, 128, dtype=jnp.bfloat16, gate="strong", seed=42)
