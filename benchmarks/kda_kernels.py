@@ -136,8 +136,10 @@ def jax_impls(unroll_ablation=False):
              "kda_jax.mosaic[xla_diag]": _mosaic_with(intra_kernel=False),
              # every row's diagonal sub-blocks from the exact bands (FACTORED_DIAGONAL off)
              "kda_jax.mosaic[exact_diagonal]": _mosaic_with(factored_diagonal=False),
-             # the backward's diagonal adjoints with bounded rows on the tensor cores (FACTORED_ADJOINT)
-             "kda_jax.mosaic[factored_adjoint]": _mosaic_with(factored_adjoint=True)}
+             # the backward's diagonal adjoints of every row from the exact bands (FACTORED_ADJOINT off)
+             "kda_jax.mosaic[band_adjoint]": _mosaic_with(factored_adjoint=False),
+             # G and the gate's gradient by ``cumsum.gate_cumsum`` (CUMSUM_KERNEL)
+             "kda_jax.mosaic[cumsum_kernel]": _mosaic_with(cumsum_kernel=True)}
     if unroll_ablation:
         impls["kda_jax.chunked[unroll=1]"] = _chunked_with_unroll(1)
     try:

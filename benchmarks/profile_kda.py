@@ -50,8 +50,11 @@ def fusion_body(text, kernel, max_lines=30):
     return ""
 
 
-def profile(fn, args, calls, top, bodies=0):
+def profile(fn, args, calls, top, bodies=0, hlo=None):
     text = fn.lower(*args).compile().as_text()
+    if hlo:
+        with open(hlo, "w") as f:
+            f.write(text)
     ops = hlo_op_names(text)
     jax.block_until_ready(fn(*args))
     with tempfile.TemporaryDirectory() as d:
@@ -82,6 +85,7 @@ def main():
     ap.add_argument("--top", type=int, default=30)
     ap.add_argument("--bodies", type=int, default=0, help="print the HLO of the top N fusions")
     ap.add_argument("--out")
+    ap.add_argument("--hlo", metavar="PREFIX", help="also write each pass's optimized HLO to PREFIX_<pass>.txt")
     ap.add_argument("--switch", action="append", default=[], metavar="NAME=0|1",
                     help="set a kernels.kda switch (e.g. FACTORS_KERNEL=1) for this run; repeatable")
     a = ap.parse_args()
@@ -97,7 +101,8 @@ def main():
     args, fns = passes(a.impl, make_inputs(*SHAPES[a.shape]))
     for name, fn in fns.items():
         r = {"gpu": jax.devices()[0].device_kind, "impl": a.impl, "shape": a.shape, "pass": name,
-             "sha": os.environ.get("KDA_JAX_SHA", ""), "switches": switches, **profile(fn, args, a.calls, a.top, a.bodies)}
+             "sha": os.environ.get("KDA_JAX_SHA", ""), "switches": switches, **profile(fn, args, a.calls, a.top, a.bodies,
+                                                                             a.hlo and f"{a.hlo}_{name}.txt")}
         print(f"\n== {a.impl} {a.shape} {name}: {r['busy_ms']:.3f} ms busy, {r['kernels_per_call']:.0f} kernels per call")
         for t in r["top"]:
             print(f"{t['ms']:8.3f} ms {t['calls']:5.1f}x  {t['name'][:40]:40s} {t['op'][-110:]}")

@@ -8,7 +8,9 @@ with bounded gates, on the tensor cores with a causal anchor; the exact diagonal
 other rows; masks included) and the diagonal sub-blocks' adjoints in the backward
 (``intra``, or ``adjoint`` with the bounded rows on the tensor cores: ``FACTORED_ADJOINT``; "bands"
 ``band[δ, i] = M[i, i − δ]``, converted from and to blocks here by static gathers); ``wy`` can
-form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off). The triangular inverse, the gating
+form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off); ``cumsum`` the gate's in-chunk cumsum G and
+its adjoint, each in one pass between the caller's layout and the chunk-major one (``CUMSUM_KERNEL``).
+The triangular inverse, the gating
 factors of the backward and the gradients that follow from the chunk states stay XLA. Operands the
 state passes and the tensor-core products read are rounded to bf16 (the state and all accumulations
 stay float32), so float32 inputs give bf16-level agreement, within the thresholds of kda_spec §5.3;
@@ -20,7 +22,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from kda_jax.kernels import adjoint, blocks, intra, state_pass, wy
+from kda_jax.kernels import adjoint, blocks, cumsum, intra, state_pass, wy
 from kda_jax.ops.chunked import ScanPasses, _block_diag, _diag_blocks, kda_chunked
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
@@ -54,9 +56,16 @@ BLOCKS_KERNEL = True
 FACTORS_KERNEL = False
 # The backward's diagonal adjoints with the bounded rows on the tensor cores (``adjoint.diagonal_adjoint``,
 # the counterpart of the forward's factored diagonal) instead of ``intra.band_adjoint`` on every row.
-# Tested in interpret mode (tests/kernels/test_adjoint_kernel.py, test_mosaic.py); its GPU tests
-# (``-m gpu`` in the same files) have not run yet, so it stays off (benchmarks/NOTES.md v10, Next 0a).
-FACTORED_ADJOINT = False
+# Its GPU tests (tests/kernels/test_adjoint_kernel.py ``-m gpu``, 8, and test_mosaic.py ``-k adjoint``,
+# 11: bf16 and float32, K = 64/128, mixed and all-bounded chunks, the op vs float64 at five shapes with
+# −1000 gates and with bounded ones, packed documents in float32) passed on an H200 at commit d03fd7a;
+# mid forward+backward 5.28 → 5.19 ms back to back (benchmarks/NOTES.md v10).
+FACTORED_ADJOINT = True
+# G, the gate's in-chunk cumsum, from the caller's layout in one pass (``cumsum.gate_cumsum``; its VJP
+# the reverse sum back into that layout) instead of XLA's transpose, triangular GEMM and transpose.
+# Its GPU tests (tests/kernels/test_cumsum_kernel.py ``-m gpu`` and test_mosaic.py ``-k cumsum``) have
+# not run yet, so it stays off (benchmarks/NOTES.md v11).
+CUMSUM_KERNEL = False
 
 _SUB = intra.SUB
 _R, _C = np.arange(_SUB)[:, None], np.arange(_SUB)[None, :]
@@ -96,7 +105,8 @@ class MosaicPasses:
 
     def __init__(self, interpret: bool = False, fused_output: bool | None = None, intra_kernel: bool | None = None,
                  blocks_kernel: bool | None = None, factors_kernel: bool | None = None,
-                 factored_diagonal: bool | None = None, factored_adjoint: bool | None = None):
+                 factored_diagonal: bool | None = None, factored_adjoint: bool | None = None,
+                 cumsum_kernel: bool | None = None):
         self.interpret = bool(interpret)
         self.fused_output = FUSED_OUTPUT if fused_output is None else bool(fused_output)
         self.intra_kernel = INTRA_KERNEL if intra_kernel is None else bool(intra_kernel)
@@ -104,6 +114,12 @@ class MosaicPasses:
         self.factors_kernel = FACTORS_KERNEL if factors_kernel is None else bool(factors_kernel)
         self.factored_diagonal = blocks.FACTORED_DIAGONAL if factored_diagonal is None else bool(factored_diagonal)
         self.factored_adjoint = FACTORED_ADJOINT if factored_adjoint is None else bool(factored_adjoint)
+        self.cumsum_kernel = CUMSUM_KERNEL if cumsum_kernel is None else bool(cumsum_kernel)
+
+    def gate_cumsum(self, a, chunk_size):
+        if not self.cumsum_kernel or a.dtype != jnp.dtype(_F32):
+            return ScanPasses.gate_cumsum(self, a, chunk_size)
+        return cumsum.gate_cumsum(a, chunk_size, self.interpret)
 
     def gated_blocks(self, gating, q, k, qf, kf, beta, zones, scale):
         if not (self.intra_kernel and self.blocks_kernel):
@@ -178,7 +194,7 @@ class MosaicPasses:
 
     def _key(self):
         return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel,
-                self.factored_diagonal, self.factored_adjoint)
+                self.factored_diagonal, self.factored_adjoint, self.cumsum_kernel)
 
     def __hash__(self):
         return hash((type(self), self._key()))
@@ -189,7 +205,7 @@ class MosaicPasses:
 
 def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, interpret=False,
                fused_output=None, intra_kernel=None, blocks_kernel=None, factors_kernel=None, factored_diagonal=None,
-               factored_adjoint=None):
+               factored_adjoint=None, cumsum_kernel=None):
     """Canonical inputs (``kda_jax.ops.inputs.canonicalize``) -> (o, final state float32).
 
     Needs chunk_size 64 and K, V multiples of 64 (see ``supports``); ``interpret`` runs the
@@ -200,9 +216,10 @@ def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chun
     ``factors_kernel`` forms the forward's W, U, Kd, Qs in ``wy.forward_factors`` (default ``FACTORS_KERNEL``);
     ``factored_diagonal``: in ``gated_blocks``, the diagonal sub-blocks of rows with bounded gates on the
     tensor cores (default ``blocks.FACTORED_DIAGONAL``); ``factored_adjoint``: the same in the backward's
-    diagonal adjoints (``adjoint.diagonal_adjoint``, default ``FACTORED_ADJOINT``).
+    diagonal adjoints (``adjoint.diagonal_adjoint``, default ``FACTORED_ADJOINT``); ``cumsum_kernel``: G and
+    the gate's gradient by ``cumsum.gate_cumsum`` (default ``CUMSUM_KERNEL``).
     """
     passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel, factors_kernel, factored_diagonal,
-                          factored_adjoint)
+                          factored_adjoint, cumsum_kernel)
     return kda_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets,
                        chunk_size=chunk_size, passes=passes)

@@ -27,9 +27,10 @@ Numerics (§3.5):
 * T = (I + L)⁻¹ (§3.4): 16×16 diagonal blocks by row-wise forward substitution, then block
   forward substitution T[p, <p] = −T_pp · L[p, <p] · T[<p, <p].
 
-Memory (§4.1): the forward saves q, k, v, a, β, the initial state, Aqk and T (2·C floats per
-token-head); the backward recomputes G, W, U, Kd and the chunk states h, then sweeps the
-chunks in reverse carrying dS. Peak memory is linear in T.
+Memory (§4.1): the forward saves q, k, v, G, β, the initial state, Aqk and T (2·C floats per
+token-head beyond the inputs: G takes the place of a); the backward recomputes W, U, Kd and the
+chunk states h, then sweeps the chunks in reverse carrying dS. Peak memory is linear in T.
+G = ``passes.gate_cumsum`` of a (differentiable; its adjoint is the reverse in-chunk sum).
 """
 
 from __future__ import annotations
@@ -254,6 +255,11 @@ class ScanPasses:
     sub-blocks of the gated products (``_Gating``); ``kda_jax.kernels`` gives GPU kernels with the
     same interface. Chunk-major arrays ``[N, B, HV, C, D]``."""
 
+    def gate_cumsum(self, a, chunk_size):
+        """G ``[N, B, HV, C, K]``, the inclusive in-chunk cumsum of the log decay ``a [B, T, HV, K]``
+        (T a multiple of ``chunk_size``), in a's dtype; differentiable."""
+        return _chunk_cumsum(_to_chunks(a, chunk_size))
+
     def gated_blocks(self, gating: _Gating, q, k, qf, kf, beta, zones: _Zones, scale):
         """Aqk = s·tril(P) and L = β·strict_tril(R) of the q·k and k·k gated products, with pairs
         across documents removed, ``[..., C, C]`` (q, k in their input dtype; qf, kf, β in the
@@ -324,19 +330,23 @@ class ScanPasses:
 SCAN = ScanPasses()
 
 
-def _chunk_cumsum(x: jax.Array, reverse: bool = False) -> jax.Array:
-    """Inclusive cumulative sum over the rows of each chunk (axis −2; from the end if ``reverse``), as a
-    product with a triangular matrix of ones: one GEMM where XLA's GPU cumsum is a slow reduce-window
-    (0.29 ms for the mid benchmark shape's 134 MB on an H100, benchmarks/NOTES.md). HIGHEST precision
-    keeps it a float32 (float64) sum; rows past i meet exact zeros, so row i depends on rows ≤ i only."""
+def _chunk_cumsum(x: jax.Array) -> jax.Array:
+    """Inclusive cumulative sum over the rows of each chunk (axis −2), as a product with a triangular
+    matrix of ones: one GEMM where XLA's GPU cumsum is a slow reduce-window (0.29 ms for the mid
+    benchmark shape's 134 MB on an H100, benchmarks/NOTES.md); its transpose (the VJP) is the reverse
+    sum. HIGHEST precision keeps it a float32 (float64) sum; rows past i meet exact zeros, so row i
+    depends on rows ≤ i only."""
     C = x.shape[-2]
-    tri = np.tril(np.ones((C, C))) if not reverse else np.triu(np.ones((C, C)))
-    return jnp.einsum("ij,...jd->...id", jnp.asarray(tri, x.dtype), x, precision=_HIGHEST)
+    return jnp.einsum("ij,...jd->...id", jnp.asarray(np.tril(np.ones((C, C))), x.dtype), x, precision=_HIGHEST)
 
 
-def _prepare(q, k, v, a, beta, zone):
-    acc = jnp.result_type(jnp.float32, q.dtype, k.dtype, v.dtype)
-    G = _chunk_cumsum(a.astype(acc))
+def _accumulator(*xs) -> jnp.dtype:
+    """float32, or float64 when an input is float64 (the tests' exact check of the algorithm)."""
+    return jnp.result_type(jnp.float32, *(x.dtype for x in xs))
+
+
+def _prepare(q, k, v, G, beta, zone):
+    acc = G.dtype
     return q.astype(acc), k.astype(acc), v.astype(acc), beta.astype(acc), G, _Zones(zone)
 
 
@@ -345,28 +355,28 @@ def _prepare(q, k, v, a, beta, zone):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _core(q, k, v, a, beta, h0, zone, scale, passes):
+def _core(q, k, v, G, beta, h0, zone, scale, passes):
     # not differentiated (inference, evaluation): the passes may form o in a form that keeps none
     # of the chunk states the backward would recompute
-    return _forward(q, k, v, a, beta, h0, zone, scale, passes, passes.forward_output_primal)[0]
+    return _forward(q, k, v, G, beta, h0, zone, scale, passes, passes.forward_output_primal)[0]
 
 
-def _core_fwd(q, k, v, a, beta, h0, zone, scale, passes):
-    return _forward(q, k, v, a, beta, h0, zone, scale, passes, passes.forward_output)
+def _core_fwd(q, k, v, G, beta, h0, zone, scale, passes):
+    return _forward(q, k, v, G, beta, h0, zone, scale, passes, passes.forward_output)
 
 
-def _forward(q, k, v, a, beta, h0, zone, scale, passes, forward_output):
-    qf, kf, vf, bf, G, zones = _prepare(q, k, v, a, beta, zone)
+def _forward(q, k, v, G, beta, h0, zone, scale, passes, forward_output):
+    qf, kf, vf, bf, G, zones = _prepare(q, k, v, G, beta, zone)
     Aqk, T = _intra(q, k, qf, kf, bf, _Gating(G), zones, scale, passes)
     W, U, Kd, gend, Qs = passes.forward_factors(q, k, v, qf, kf, vf, bf, G, T, zones, scale)
     o, S_T = forward_output(W, U, Kd, gend, h0.astype(qf.dtype), Qs, Aqk, v.dtype)
-    return (o.astype(v.dtype), S_T.astype(h0.dtype)), (q, k, v, a, beta, h0, zone, Aqk, T)
+    return (o.astype(v.dtype), S_T.astype(h0.dtype)), (q, k, v, G, beta, h0, zone, Aqk, T)
 
 
 def _core_bwd(scale, passes, res, cts):
-    q, k, v, a, beta, h0, zone, Aqk, T = res
+    q, k, v, G, beta, h0, zone, Aqk, T = res
     dO, dS_T = cts
-    qf, kf, vf, bf, G, zones = _prepare(q, k, v, a, beta, zone)
+    qf, kf, vf, bf, G, zones = _prepare(q, k, v, G, beta, zone)
     acc = qf.dtype
     gating = _Gating(G)
     f = _wy(kf, vf, bf, G, T, zones)
@@ -406,10 +416,10 @@ def _core_bwd(scale, passes, res, cts):
     dk = dk + col
     dG = dG - kf * col
 
-    # from G to the per-token log decay: reverse cumsum inside the chunk (step 7)
+    # dG whole; the reverse in-chunk sum to the per-token log decay (step 7) is the VJP of
+    # ``passes.gate_cumsum``
     dG = dG.at[..., -1, :].add(dG_last)
-    da = _chunk_cumsum(dG, reverse=True)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), da.astype(a.dtype),
+    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dG.astype(G.dtype),
             dbeta.astype(beta.dtype), dh0.astype(h0.dtype), None)
 
 
@@ -430,12 +440,13 @@ def kda_chunked(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chu
     K = q.shape[-1]
     C = chunk_size
     q, k = expand_heads(q, HV), expand_heads(k, HV)
-    q, k, v, g = (_to_chunks(pad_time(x, C), C) for x in (q, k, v, g))
+    G = passes.gate_cumsum(pad_time(g, C).astype(_accumulator(q, k, v)), C)
+    q, k, v = (_to_chunks(pad_time(x, C), C) for x in (q, k, v))
     beta = _to_chunks(pad_time(beta, C)[..., None], C)[..., 0]
     zone = None
     if resets is not None:
         r = pad_time(resets, C).reshape(B, -1, C)
         zone = jnp.cumsum(r.astype(jnp.int32), axis=-1).transpose(1, 0, 2)[:, :, None, :]
     h0 = jnp.zeros((B, HV, K, V), jnp.float32) if initial_state is None else initial_state
-    o, S_T = _core(q, k, v, g, beta, h0, zone, float(scale), passes)
+    o, S_T = _core(q, k, v, G, beta, h0, zone, float(scale), passes)
     return _from_chunks(o)[:, :T], S_T

@@ -85,14 +85,16 @@ def test_state_pass_rejects_wrong_operands():
 
 
 @pytest.mark.parametrize("shape,dtype,gate,fused,blocks,factors", [
-    ((1, 100, 1, 1, 64, 64), jnp.float32, "normal", False, False, False),  # padding (T % 64 ≠ 0), h0; Aqk, L in XLA
+    # padding (T % 64 ≠ 0), h0; Aqk, L in XLA, the diagonal adjoints by ``band_adjoint``, G by XLA
+    ((1, 100, 1, 1, 64, 64), jnp.float32, "normal", False, False, False),
     ((1, 130, 1, 2, 64, 128), jnp.bfloat16, "strong", False, True, False),  # GVA, V = 128, gates of -1000
     ((1, 100, 1, 2, 64, 64), jnp.bfloat16, "strong", True, True, False),    # the fused-output forward kernel
     ((1, 130, 1, 2, 64, 128), jnp.float32, "strong", True, True, True),     # W, U, Kd, Qs by ``wy`` too
 ], ids=["pad-f32-xla-blocks", "gva-bf16-strong", "fused-output", "factors-kernel"])
 def test_interpret_matches_float64_recurrence(shape, dtype, gate, fused, blocks, factors):
     x = make_inputs(*shape, dtype=dtype, gate=gate, seed=sum(shape))
-    check_against_oracle(_mosaic(fused_output=fused, blocks_kernel=blocks, factors_kernel=factors), x,
+    check_against_oracle(_mosaic(fused_output=fused, blocks_kernel=blocks, factors_kernel=factors,
+                                 factored_adjoint=blocks, cumsum_kernel=blocks), x,
                          label=f"mosaic {shape}", primal=fused)
 
 
@@ -226,9 +228,10 @@ def test_gpu_fused_output_packed_documents_h0(dtype):
 
 # the chunk-parallel kernels: Aqk and L by ``blocks.gated_blocks`` (``BLOCKS_KERNEL``), and with them
 # W, U, Kd, Qs by ``wy.forward_factors`` (``FACTORS_KERNEL``); name -> (switches, seed offset)
-# and the backward's diagonal adjoints by ``adjoint.diagonal_adjoint`` (``FACTORED_ADJOINT``)
+# the backward's diagonal adjoints by ``adjoint.diagonal_adjoint`` (``FACTORED_ADJOINT``) and G with the gate's
+# gradient by ``cumsum.gate_cumsum`` (``CUMSUM_KERNEL``)
 _CHUNK_KERNELS = {"blocks": (dict(blocks_kernel=True), 0), "factors": (dict(blocks_kernel=True, factors_kernel=True), 1),
-                  "adjoint": (dict(factored_adjoint=True), 2)}
+                  "adjoint": (dict(factored_adjoint=True), 2), "cumsum": (dict(cumsum_kernel=True), 3)}
 
 
 @pytest.mark.gpu

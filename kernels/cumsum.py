@@ -1,0 +1,116 @@
+"""The gate's in-chunk cumulative sum and its adjoint, as Pallas Mosaic GPU kernels.
+
+Chunked KDA starts from G, the inclusive cumsum of the log decay inside each chunk, in the
+chunk-major layout of the other kernels, and its backward ends with the reverse (suffix) sum of
+dG back in the caller's layout (kda_spec §3.1, §4.2 step 7). In XLA each is a transpose, a
+HIGHEST-precision GEMM against a triangle of ones and a transpose back: ~0.26 ms at the mid
+benchmark shape on an H200 for 268 MB of traffic, ~4× its byte time (benchmarks/NOTES.md v11).
+Here one CTA per (chunk, batch row, head) reads its ``[C, K]`` slab once, sums in registers and
+writes it once, in the other layout:
+
+    ``chunk_cumsum``:  a ``[B, T, H, K]`` -> G ``[N, B, H, C, K]``,  G[n, :, :, i] = Σ_{j ≤ i} a[nC + j]
+    ``chunk_cumsum_adjoint``: dG ``[N, B, H, C, K]`` -> da ``[B, T, H, K]``,  da[nC + j] = Σ_{i ≥ j} dG[n, :, :, i]
+
+The sum is a log-depth (Hillis–Steele) scan over a ``[C, BLOCK_K]`` register tile: at step s the
+tile adds itself shifted by s rows, read back from shared memory whose rows outside the chunk are
+zero; so row i only ever meets rows of its own chunk on its own side (causal: nothing reaches G_i
+from a later token). float32 throughout; each sum rounds as a balanced tree (log₂ C additions per
+entry), where the sequential sum rounds C times.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from kda_jax.kernels.intra import BLOCK_K, _padded
+from kda_jax.kernels.state_pass import _F32, _WG, _kernel, check_operand
+
+_check = functools.partial(check_operand, "chunk cumsum")
+
+
+def _scan(x, buf, C, reverse):
+    """Inclusive prefix sums over the rows of ``x [C, BLOCK_K]`` (float32, WGMMA layout), from the
+    end if ``reverse``. ``buf`` holds the tile at rows [C/2, 3C/2) between two zero blocks of C/2 rows."""
+    pad, s = C // 2, 1
+    while s < C:
+        buf.at[pl.ds(pad, C), pl.ds(0, BLOCK_K)][...] = x
+        plgpu.commit_smem()  # the tile is visible to the whole warpgroup
+        start = pad + s if reverse else pad - s
+        x = x + plgpu.load(buf.at[pl.ds(start, C), pl.ds(0, BLOCK_K)], layout=_WG, optimized=False)
+        plgpu.commit_smem()  # every thread has read its shifted rows before the next write
+        s *= 2
+    return x
+
+
+def _launch(src, dst, N, B, H, C, K, out_shape, reverse, name, interpret):
+    """One CTA per (chunk, batch row, head); ``src(ref, n, b, h)`` / ``dst(ref, n, b, h)`` give the
+    ``[C, K]`` slabs of the input and output."""
+    if C % 64 or K % BLOCK_K:
+        raise ValueError(f"chunk cumsum needs C a multiple of 64 and K of {BLOCK_K}; got C={C} K={K}")
+
+    def body(x_ref, y_ref, buf):
+        n, b, h = lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h")
+        zero = plgpu.layout_cast(jnp.zeros((C, BLOCK_K), _F32), _WG)
+        for r0 in (0, C):  # the zero blocks on either side (the tile's rows are rewritten each step)
+            buf.at[pl.ds(r0, C), pl.ds(0, BLOCK_K)][...] = zero
+        for cb in range(K // BLOCK_K):
+            cols = pl.ds(cb * BLOCK_K, BLOCK_K)
+            x = plgpu.load(src(x_ref, n, b, h).at[:, cols], layout=_WG, optimized=False)
+            dst(y_ref, n, b, h).at[:, cols][...] = _scan(x, buf, C, reverse)
+
+    kern = _kernel(body, name=name, interpret=interpret, grid=(N, B, H), grid_names=("n", "b", "h"),
+                   out_type=jax.ShapeDtypeStruct(out_shape, _F32), scratch_types=[_padded(2 * C, _F32)])
+    return kern
+
+
+def _time_major(ref, n, b, h, C):
+    return ref.at[b, pl.ds(n * C, C), h]
+
+
+@functools.partial(jax.jit, static_argnames=("chunk_size", "interpret"))
+def chunk_cumsum(a, *, chunk_size, interpret=False):
+    """G ``[N, B, H, C, K]`` float32, the inclusive cumsum inside each chunk of C = ``chunk_size``
+    rows, from float32 ``a [B, T, H, K]`` (T a multiple of C)."""
+    B, T, H, K = a.shape
+    C = chunk_size
+    if T % C:
+        raise ValueError(f"chunk cumsum: T={T} is not a multiple of the chunk size {C} (pad first)")
+    _check("a", a, (B, T, H, K), _F32)
+    N = T // C
+    kern = _launch(lambda r, n, b, h: _time_major(r, n, b, h, C), lambda r, n, b, h: r.at[n, b, h],
+                   N, B, H, C, K, (N, B, H, C, K), False, "kda_chunk_cumsum", interpret)
+    return kern(a)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def chunk_cumsum_adjoint(dG, *, interpret=False):
+    """da ``[B, T, H, K]`` float32 (T = N·C), the adjoint of ``chunk_cumsum``: the sum of dG over each
+    row and the rows after it in its chunk, from float32 ``dG [N, B, H, C, K]``."""
+    N, B, H, C, K = dG.shape
+    _check("dG", dG, (N, B, H, C, K), _F32)
+    kern = _launch(lambda r, n, b, h: r.at[n, b, h], lambda r, n, b, h: _time_major(r, n, b, h, C),
+                   N, B, H, C, K, (B, N * C, H, K), True, "kda_chunk_cumsum_adjoint", interpret)
+    return kern(dG)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def gate_cumsum(a, chunk_size, interpret=False):
+    """``chunk_cumsum`` with ``chunk_cumsum_adjoint`` as its VJP."""
+    return chunk_cumsum(a, chunk_size=chunk_size, interpret=interpret)
+
+
+def _gate_cumsum_fwd(a, chunk_size, interpret):
+    return gate_cumsum(a, chunk_size, interpret), None
+
+
+def _gate_cumsum_bwd(chunk_size, interpret, _, dG):
+    return (chunk_cumsum_adjoint(dG.astype(_F32), interpret=interpret),)
+
+
+gate_cumsum.defvjp(_gate_cumsum_fwd, _gate_cumsum_bwd)
