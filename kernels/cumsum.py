@@ -59,10 +59,12 @@ def _launch(src, dst, N, B, H, C, K, out_shape, reverse, name, interpret):
         zero = plgpu.layout_cast(jnp.zeros((C, BLOCK_K), _F32), _WG)
         for r0 in (0, C):  # the zero blocks on either side (the tile's rows are rewritten each step)
             buf.at[pl.ds(r0, C), pl.ds(0, BLOCK_K)][...] = zero
-        for cb in range(K // BLOCK_K):
-            cols = pl.ds(cb * BLOCK_K, BLOCK_K)
-            x = plgpu.load(src(x_ref, n, b, h).at[:, cols], layout=_WG, optimized=False)
-            dst(y_ref, n, b, h).at[:, cols][...] = _scan(x, buf, C, reverse)
+        # every column block's load first (K/BLOCK_K · 16 registers), so they are in flight together
+        # rather than one per round of the scan's barriers
+        cols = [pl.ds(cb * BLOCK_K, BLOCK_K) for cb in range(K // BLOCK_K)]
+        xs = [plgpu.load(src(x_ref, n, b, h).at[:, c], layout=_WG, optimized=False) for c in cols]
+        for c, x in zip(cols, xs):
+            dst(y_ref, n, b, h).at[:, c][...] = _scan(x, buf, C, reverse)
 
     kern = _kernel(body, name=name, interpret=interpret, grid=(N, B, H), grid_names=("n", "b", "h"),
                    out_type=jax.ShapeDtypeStruct(out_shape, _F32), scratch_types=[_padded(2 * C, _F32)])
