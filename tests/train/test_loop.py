@@ -71,7 +71,10 @@ def test_kill_and_restart_reproduces_the_uninterrupted_losses(tmp_path):
     """Both runs are separate processes (the test process runs with float64 enabled)."""
     corpus = _corpus(tmp_path)
     steps = 10
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # the three processes compile the same programs: a shared persistent compilation cache makes the
+    # later two load them instead (suite time; the executables, and so the losses, are the same)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
     reference = subprocess.run(_command(corpus, steps, tmp_path / "reference"), env=env, cwd=ROOT,
                                capture_output=True, text=True, timeout=300)
     assert reference.returncode == 0, reference.stderr[-2000:]
