@@ -8,10 +8,10 @@ with bounded gates, on the tensor cores with a causal anchor; the exact diagonal
 other rows; masks included) and the diagonal sub-blocks' adjoints in the backward
 (``intra``, or ``adjoint`` with the bounded rows on the tensor cores: ``FACTORED_ADJOINT``; "bands"
 ``band[δ, i] = M[i, i − δ]``, converted from and to blocks here by static gathers); ``wy`` can
-form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off); ``cumsum`` the gate's in-chunk cumsum G and
-its adjoint, each in one pass between the caller's layout and the chunk-major one (``CUMSUM_KERNEL``).
-The triangular inverse, the gating
-factors of the backward and the gradients that follow from the chunk states stay XLA. Operands the
+form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off); ``cumsum`` the gate's in-chunk cumsum G
+and its adjoint, each in one pass between the caller's layout and the chunk-major one
+(``CUMSUM_KERNEL``). The triangular inverse, the gating factors of the backward and the gradients
+that follow from the chunk states stay XLA. Operands the
 state passes and the tensor-core products read are rounded to bf16 (the state and all accumulations
 stay float32), so float32 inputs give bf16-level agreement, within the thresholds of kda_spec §5.3;
 the diagonal bands are float32 sums.
@@ -59,13 +59,13 @@ FACTORS_KERNEL = False
 # Its GPU tests (tests/kernels/test_adjoint_kernel.py ``-m gpu``, 8, and test_mosaic.py ``-k adjoint``,
 # 11: bf16 and float32, K = 64/128, mixed and all-bounded chunks, the op vs float64 at five shapes with
 # −1000 gates and with bounded ones, packed documents in float32) passed on an H200 at commit d03fd7a;
-# mid forward+backward 5.28 → 5.19 ms back to back (benchmarks/NOTES.md v10).
+# mid forward+backward 5.28 → 5.19 ms back to back (benchmarks/NOTES.md v11).
 FACTORED_ADJOINT = True
 # G, the gate's in-chunk cumsum, from the caller's layout in one pass (``cumsum.gate_cumsum``; its VJP
 # the reverse sum back into that layout) instead of XLA's transpose, triangular GEMM and transpose.
 # Its GPU tests (tests/kernels/test_cumsum_kernel.py ``-m gpu``, 2, and test_mosaic.py ``-k cumsum``, 6:
 # the op vs float64 at five shapes with −1000 gates, packed documents in float32) passed on an H200
-# (benchmarks/NOTES.md v11); mid 1.63 → 1.50 ms forward, 5.22 → 4.99 ms forward+backward back to back.
+# at commits cd9f53c and 847b5de (benchmarks/NOTES.md v11); mid 1.63 → 1.50 ms forward, 5.22 → 4.99 ms forward+backward back to back.
 CUMSUM_KERNEL = True
 
 _SUB = intra.SUB
