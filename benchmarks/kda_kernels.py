@@ -139,7 +139,10 @@ def jax_impls(unroll_ablation=False):
              # the backward's diagonal adjoints of every row from the exact bands (FACTORED_ADJOINT off)
              "kda_jax.mosaic[band_adjoint]": _mosaic_with(factored_adjoint=False),
              # G and the gate's gradient by ``cumsum.gate_cumsum`` (CUMSUM_KERNEL)
-             "kda_jax.mosaic[cumsum_kernel]": _mosaic_with(cumsum_kernel=True)}
+             "kda_jax.mosaic[cumsum_kernel]": _mosaic_with(cumsum_kernel=True),
+             # the XLA GEMMs around the kernels on bf16 operands, or on float32 ones (BF16_OPERANDS)
+             "kda_jax.mosaic[bf16_operands]": _mosaic_with(bf16_operands=True),
+             "kda_jax.mosaic[f32_operands]": _mosaic_with(bf16_operands=False)}
     if unroll_ablation:
         impls["kda_jax.chunked[unroll=1]"] = _chunked_with_unroll(1)
     try:

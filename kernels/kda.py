@@ -19,6 +19,7 @@ the diagonal bands are float32 sums.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -67,6 +68,14 @@ FACTORED_ADJOINT = True
 # the op vs float64 at five shapes with −1000 gates, packed documents in float32) passed on an H200
 # at commits cd9f53c and 847b5de (benchmarks/NOTES.md v11); mid 1.63 → 1.50 ms forward, 5.22 → 4.99 ms forward+backward back to back.
 CUMSUM_KERNEL = True
+# The XLA GEMMs around the kernels read bf16 operands (float32 accumulation), as the kernels' own
+# products do: W = T·Kb and U = T·βV of the forward (written as bf16, which the state pass reads
+# anyway), o's Qs·h and Aqk·Vn under differentiation, and every GEMM of the backward's gradient
+# assembly (``chunked._core_bwd``: dO·hᵀ, Vn·dSnᵀ, Tᵀ·dW, Tᵀ·dVn, dT, Tᵀ·dT·Tᵀ, dO·Vnᵀ, the
+# off-diagonal sub-blocks' adjoints). Off: float32 operands (TF32 or better, XLA's default).
+BF16_OPERANDS = False
+# experiment: an optimization barrier on the backward's chunk-major gradients
+GRADIENT_BARRIER = False
 
 _SUB = intra.SUB
 _R, _C = np.arange(_SUB)[:, None], np.arange(_SUB)[None, :]
@@ -107,7 +116,7 @@ class MosaicPasses:
     def __init__(self, interpret: bool = False, fused_output: bool | None = None, intra_kernel: bool | None = None,
                  blocks_kernel: bool | None = None, factors_kernel: bool | None = None,
                  factored_diagonal: bool | None = None, factored_adjoint: bool | None = None,
-                 cumsum_kernel: bool | None = None):
+                 cumsum_kernel: bool | None = None, bf16_operands: bool | None = None):
         self.interpret = bool(interpret)
         self.fused_output = FUSED_OUTPUT if fused_output is None else bool(fused_output)
         self.intra_kernel = INTRA_KERNEL if intra_kernel is None else bool(intra_kernel)
@@ -116,6 +125,10 @@ class MosaicPasses:
         self.factored_diagonal = blocks.FACTORED_DIAGONAL if factored_diagonal is None else bool(factored_diagonal)
         self.factored_adjoint = FACTORED_ADJOINT if factored_adjoint is None else bool(factored_adjoint)
         self.cumsum_kernel = CUMSUM_KERNEL if cumsum_kernel is None else bool(cumsum_kernel)
+        self.bf16_operands = BF16_OPERANDS if bf16_operands is None else bool(bf16_operands)
+
+    def operand(self, x):
+        return x.astype(_BF16) if self.bf16_operands else x
 
     def gate_cumsum(self, a, chunk_size):
         if not self.cumsum_kernel or a.dtype != jnp.dtype(_F32):
@@ -134,7 +147,9 @@ class MosaicPasses:
 
     def forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones, scale):
         if not self.factors_kernel:
-            return ScanPasses.forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones, scale)
+            W, U, Kd, gend, Qs = ScanPasses.forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones, scale)
+            W, U, Kd, Qs = (self.operand(x) for x in (W, U, Kd, Qs))  # what the state passes read
+            return W, U, Kd, gend, Qs
         rows = lambda m: (jnp.ones((*G.shape[:2], G.shape[-2]), _F32) if m is None else m[:, :, 0, :].astype(_F32))
         reads, writes = rows(zones.reading_rows()), rows(zones.writing_rows())
         W, U, Kd, Qs = wy.forward_factors(q.astype(k.dtype), k, v.astype(k.dtype), G.astype(_F32), beta.astype(_F32),
@@ -177,7 +192,7 @@ class MosaicPasses:
     def forward_output(self, W, U, Kd, gend, h0, Qs, Aqk, out_dtype):
         # differentiated: the backward reruns ``forward`` on the same operands anyway (with the fused
         # kernel here forward+backward was 0.34 ms slower at the mid shape, benchmarks/NOTES.md v3)
-        return ScanPasses.forward_output(self, W, U, Kd, gend, h0, Qs, Aqk, out_dtype)
+        return ScanPasses.forward_output(self, W, U, Kd, gend, h0, self.operand(Qs), self.operand(Aqk), out_dtype)
 
     def forward_output_primal(self, W, U, Kd, gend, h0, Qs, Aqk, out_dtype):
         if not self.fused_output or not (self.interpret or (W.shape[-1], U.shape[-1]) in FUSED_OUTPUT_KV):
@@ -193,9 +208,15 @@ class MosaicPasses:
                                                 dS_T.astype(_F32), interpret=self.interpret)
         return dh0, dSn, dVn
 
+    def gradients(self, dq, dk, dv, dG, dbeta):
+        if not GRADIENT_BARRIER:
+            return dq, dk, dv, dG, dbeta
+        # XLA computes them in one fusion per output layout instead of two that each re-read the inputs
+        return jax.lax.optimization_barrier((dq, dk, dv, dG, dbeta))
+
     def _key(self):
         return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel,
-                self.factored_diagonal, self.factored_adjoint, self.cumsum_kernel)
+                self.factored_diagonal, self.factored_adjoint, self.cumsum_kernel, self.bf16_operands)
 
     def __hash__(self):
         return hash((type(self), self._key()))
@@ -206,7 +227,7 @@ class MosaicPasses:
 
 def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, interpret=False,
                fused_output=None, intra_kernel=None, blocks_kernel=None, factors_kernel=None, factored_diagonal=None,
-               factored_adjoint=None, cumsum_kernel=None):
+               factored_adjoint=None, cumsum_kernel=None, bf16_operands=None):
     """Canonical inputs (``kda_jax.ops.inputs.canonicalize``) -> (o, final state float32).
 
     Needs chunk_size 64 and K, V multiples of 64 (see ``supports``); ``interpret`` runs the
@@ -218,9 +239,10 @@ def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chun
     ``factored_diagonal``: in ``gated_blocks``, the diagonal sub-blocks of rows with bounded gates on the
     tensor cores (default ``blocks.FACTORED_DIAGONAL``); ``factored_adjoint``: the same in the backward's
     diagonal adjoints (``adjoint.diagonal_adjoint``, default ``FACTORED_ADJOINT``); ``cumsum_kernel``: G and
-    the gate's gradient by ``cumsum.gate_cumsum`` (default ``CUMSUM_KERNEL``).
+    the gate's gradient by ``cumsum.gate_cumsum`` (default ``CUMSUM_KERNEL``); ``bf16_operands``: the XLA
+    GEMMs around the kernels read bf16 (default ``BF16_OPERANDS``).
     """
     passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel, factors_kernel, factored_diagonal,
-                          factored_adjoint, cumsum_kernel)
+                          factored_adjoint, cumsum_kernel, bf16_operands)
     return kda_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets,
                        chunk_size=chunk_size, passes=passes)

@@ -23,7 +23,9 @@ Numerics (§3.5):
   boundary, anywhere inside a chunk.
 * G, Aqk, L, the triangular inverse, W, U, the state and every gradient are float32 (float64
   when the inputs are float64, which the tests use to check the algorithm to 1e-10). Matmuls
-  use the backend's default precision, except the inverse, which uses HIGHEST.
+  use the backend's default precision, except the inverse, which uses HIGHEST; a ``passes`` object
+  may round what the GEMMs of W, U and of the backward read (``passes.operand``: bf16 on the GPU
+  kernels' path, as their own products do), always accumulating in float32.
 * T = (I + L)⁻¹ (§3.4): 16×16 diagonal blocks by row-wise forward substitution, then block
   forward substitution T[p, <p] = −T_pp · L[p, <p] · T[<p, <p].
 
@@ -50,6 +52,10 @@ SUB = 16
 SCAN_UNROLL = 8
 _HIGHEST = jax.lax.Precision.HIGHEST
 _CAUSAL_SUB = np.tril(np.ones((SUB, SUB), bool))
+
+
+def _same(x: jax.Array) -> jax.Array:
+    return x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,25 +188,28 @@ class _Gating:
             rows.append(jnp.pad(blk, [(0, 0)] * (blk.ndim - 1) + [(0, self.C - p * SUB)]))
         return jnp.concatenate(rows, axis=-2) + _block_diag(diag)
 
-    def row_adjoint(self, dMs: jax.Array, Y: jax.Array, diag: jax.Array) -> jax.Array:
+    def row_adjoint(self, dMs: jax.Array, Y: jax.Array, diag: jax.Array, operand=_same) -> jax.Array:
         """Σ_j dM_ij Y_j e^{G_i − G_j} for stacked lower-triangular dMs ``[S, ..., C, C]`` (gradient w.r.t. X),
-        given the diagonal sub-blocks' part ``diag`` (``diag_row_adjoint``)."""
+        given the diagonal sub-blocks' part ``diag`` (``diag_row_adjoint``); ``operand`` casts what the
+        off-diagonal GEMMs read (they accumulate in the dtype of dMs)."""
         out = self._blocks(diag)
         blocks = [out[..., 0, :, :]]
         for p, kf in self.kfac.items():
             dM = dMs[..., p * SUB : (p + 1) * SUB, : p * SUB]
-            off = jnp.einsum("s...ij,...jd->s...id", dM, Y[..., : p * SUB, :] * kf)
+            off = jnp.einsum("s...ij,...jd->s...id", operand(dM), operand(Y[..., : p * SUB, :] * kf),
+                             preferred_element_type=dMs.dtype)
             blocks.append(out[..., p, :, :] + self.qfac[..., p, :, :] * off)
         return jnp.concatenate(blocks, axis=-2)
 
-    def col_adjoint(self, dMs: jax.Array, Xs: jax.Array, diag: jax.Array) -> jax.Array:
+    def col_adjoint(self, dMs: jax.Array, Xs: jax.Array, diag: jax.Array, operand=_same) -> jax.Array:
         """Σ_s Σ_i dM^s_ij Xs^s_i e^{G_i − G_j} for stacked lower-triangular dMs (gradient w.r.t. Y),
-        given the diagonal sub-blocks' part ``diag`` (``diag_col_adjoint``)."""
+        given the diagonal sub-blocks' part ``diag`` (``diag_col_adjoint``); ``operand`` as in ``row_adjoint``."""
         Xb = self._blocks(Xs)
         out = diag
         for p, kf in self.kfac.items():
             dM = dMs[..., p * SUB : (p + 1) * SUB, : p * SUB]
-            off = kf * jnp.einsum("s...ij,s...id->...jd", dM, Xb[..., p, :, :] * self.qfac[..., p, :, :])
+            off = kf * jnp.einsum("s...ij,s...id->...jd", operand(dM), operand(Xb[..., p, :, :] * self.qfac[..., p, :, :]),
+                                  preferred_element_type=dMs.dtype)
             out = out.at[..., : p * SUB, :].add(off)
         return out
 
@@ -231,14 +240,22 @@ def _intra(q, k, qf, kf, beta, gating: _Gating, zones: _Zones, scale, passes):
     return Aqk, _unit_lower_inverse(L)
 
 
-def _wy(kf, vf, beta, G, T, zones: _Zones):
-    """W, U, Kd and the decay factors of one chunk (kda_spec §3.2 C)."""
+def _decays(G, zones: _Zones):
+    """Γ = e^G on the rows that read the incoming state, E = e^{G_end − G} on the rows that write the
+    outgoing one, and the state's decay over the chunk (zero where a document starts inside it)."""
     Gamma = zones.reads_state(jnp.exp(G))
     E = zones.writes_state(jnp.exp(G[..., -1:, :] - G))
-    gend = zones.carries_state(jnp.exp(G[..., -1, :]))
+    return Gamma, E, zones.carries_state(jnp.exp(G[..., -1, :]))
+
+
+def _wy(kf, vf, beta, G, T, zones: _Zones, operand=_same):
+    """W, U, Kd and the decay factors of one chunk (kda_spec §3.2 C); ``operand`` casts what the
+    GEMMs read (W and U accumulate in the dtype of G)."""
+    Gamma, E, gend = _decays(G, zones)
     Kb = beta[..., None] * kf * Gamma
-    W = T @ Kb
-    U = T @ (beta[..., None] * vf)
+    T = operand(T)
+    W = jnp.matmul(T, operand(Kb), preferred_element_type=G.dtype)
+    U = jnp.matmul(T, operand(beta[..., None] * vf), preferred_element_type=G.dtype)
     return dict(Gamma=Gamma, E=E, gend=gend, Kb=Kb, W=W, U=U, Kd=kf * E)
 
 
@@ -267,10 +284,15 @@ class ScanPasses:
         P, R = gating.lower(jnp.stack([qf, kf]), kf, self.intra_diag(gating, q, k))
         return zones.pair(scale * P, strict=False), zones.pair(beta[..., None] * R, strict=True)
 
+    def operand(self, x):
+        """What the XLA GEMMs of the backward (and W, U) read: x itself here (float32, or float64 in
+        the tests' exact check); ``MosaicPasses`` may round it to bf16."""
+        return x
+
     def forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones: _Zones, scale):
         """The forward state pass's operands (W, U, Kd, gend) and Qs = s·Q⊙Γ (``_wy``; q, k, v in
-        their input dtype, the rest in the dtype of G)."""
-        f = _wy(kf, vf, beta, G, T, zones)
+        their input dtype, the rest in the dtype of G). The backward reruns it for its state pass."""
+        f = _wy(kf, vf, beta, G, T, zones, self.operand)
         return f["W"], f["U"], f["Kd"], f["gend"], scale * qf * f["Gamma"]
 
     def intra_diag(self, gating: _Gating, q, k):
@@ -319,6 +341,10 @@ class ScanPasses:
         dh0, (dSn, dVn) = jax.lax.scan(rstep, dS_T, (_mT(Aqk) @ dO, Kd, W, gend, _mT(Qs) @ dO), reverse=True,
                                        unroll=min(SCAN_UNROLL, W.shape[0]))
         return dh0, dSn, dVn
+
+    def gradients(self, dq, dk, dv, dG, dbeta):
+        """The backward's chunk-major gradients as it hands them on (a hook for the kernels' path)."""
+        return dq, dk, dv, dG, dbeta
 
     def __hash__(self):
         return hash(type(self))
@@ -379,48 +405,56 @@ def _core_bwd(scale, passes, res, cts):
     qf, kf, vf, bf, G, zones = _prepare(q, k, v, G, beta, zone)
     acc = qf.dtype
     gating = _Gating(G)
-    f = _wy(kf, vf, bf, G, T, zones)
-    h, Vn, _ = passes.forward(f["W"], f["U"], f["Kd"], f["gend"], h0.astype(acc))
+    # the forward's own state-pass operands, so that h and Vn are the states its o came from
+    W, U, Kd, gend, Qs = passes.forward_factors(q, k, v, qf, kf, vf, bf, G, T, zones, scale)
+    h, Vn, _ = passes.forward(W, U, Kd, gend, h0.astype(acc))
     h, Vn = h.astype(acc), Vn.astype(acc)
     dO = dO.astype(acc)
-    dh0, dSn, dVn = passes.reverse(dO, Aqk, scale * qf * f["Gamma"], f["Kd"], f["W"], f["gend"], dS_T.astype(acc))
+    dh0, dSn, dVn = passes.reverse(dO, Aqk, Qs, Kd, W, gend, dS_T.astype(acc))
     dSn, dVn = dSn.astype(acc), dVn.astype(acc)
+    Gamma, E, _ = _decays(G, zones)
+    Kb = bf[..., None] * kf * Gamma
+
+    def mm(a, b):  # the GEMMs read ``passes.operand`` (bf16 on the GPU kernels' path) and accumulate in acc
+        return jnp.matmul(passes.operand(a), passes.operand(b), preferred_element_type=acc)
 
     # inter-chunk parts (step 2)
-    dq = scale * (dO @ _mT(h)) * f["Gamma"]
-    dk = (Vn @ _mT(dSn)) * f["E"]
+    dq = scale * mm(dO, _mT(h)) * Gamma
+    dk = mm(Vn, _mT(dSn)) * E
     dG = qf * dq - kf * dk
-    dG_last = jnp.sum(h * dSn, axis=-1) * f["gend"] + jnp.sum(kf * dk, axis=-2)
+    dG_last = jnp.sum(h * dSn, axis=-1) * gend.astype(acc) + jnp.sum(kf * dk, axis=-2)
 
     # WY factors (step 3)
-    dW = -dVn @ _mT(h)
-    dKb = _mT(T) @ dW
-    dUb = _mT(T) @ dVn
+    dW = -mm(dVn, _mT(h))
+    Tt = _mT(T)
+    dKb = mm(Tt, dW)
+    dUb = mm(Tt, dVn)
     dv = bf[..., None] * dUb
-    dbeta = jnp.sum(dUb * vf, -1) + jnp.sum(dKb * kf * f["Gamma"], -1)
-    dk = dk + bf[..., None] * f["Gamma"] * dKb
-    dG = dG + f["Kb"] * dKb
-    dT = dW @ _mT(f["Kb"]) + dVn @ _mT(bf[..., None] * vf)
+    dbeta = jnp.sum(dUb * vf, -1) + jnp.sum(dKb * kf * Gamma, -1)
+    dk = dk + bf[..., None] * Gamma * dKb
+    dG = dG + Kb * dKb
+    dT = mm(dW, _mT(Kb)) + mm(dVn, _mT(bf[..., None] * vf))
 
     # through the inverse, L and Aqk = s·P (steps 4-6); L_ij = β_i Σ_d K_id K_jd e^{G_id − G_jd}
-    dL = zones.pair(-(_mT(T) @ dT @ _mT(T)), strict=True)
-    dP = scale * zones.pair(dO @ _mT(Vn), strict=False)
+    dL = zones.pair(-mm(mm(Tt, dT), Tt), strict=True)
+    dP = scale * zones.pair(mm(dO, _mT(Vn)), strict=False)
     dMs = jnp.stack([dL, dP])
     diag_rows, diag_col = passes.intra_diag_adjoint(gating, q, k, bf, dMs)
-    row_L, row_P = gating.row_adjoint(dMs, kf, diag_rows)
+    row_L, row_P = gating.row_adjoint(dMs, kf, diag_rows, passes.operand)
     dbeta = dbeta + jnp.sum(kf * row_L, -1)
     dk = dk + bf[..., None] * row_L
     dq = dq + row_P
     dG = dG + bf[..., None] * kf * row_L + qf * row_P
-    col = gating.col_adjoint(dMs, jnp.stack([bf[..., None] * kf, qf]), diag_col)
+    col = gating.col_adjoint(dMs, jnp.stack([bf[..., None] * kf, qf]), diag_col, passes.operand)
     dk = dk + col
     dG = dG - kf * col
 
     # dG whole; the reverse in-chunk sum to the per-token log decay (step 7) is the VJP of
     # ``passes.gate_cumsum``
     dG = dG.at[..., -1, :].add(dG_last)
-    return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dG.astype(G.dtype),
-            dbeta.astype(beta.dtype), dh0.astype(h0.dtype), None)
+    grads = passes.gradients(dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dG.astype(G.dtype),
+                             dbeta.astype(beta.dtype))
+    return (*grads, dh0.astype(h0.dtype), None)
 
 
 _core.defvjp(_core_fwd, _core_bwd)

@@ -229,9 +229,11 @@ def test_gpu_fused_output_packed_documents_h0(dtype):
 # the chunk-parallel kernels: Aqk and L by ``blocks.gated_blocks`` (``BLOCKS_KERNEL``), and with them
 # W, U, Kd, Qs by ``wy.forward_factors`` (``FACTORS_KERNEL``); name -> (switches, seed offset)
 # the backward's diagonal adjoints by ``adjoint.diagonal_adjoint`` (``FACTORED_ADJOINT``) and G with the gate's
-# gradient by ``cumsum.gate_cumsum`` (``CUMSUM_KERNEL``)
+# gradient by ``cumsum.gate_cumsum`` (``CUMSUM_KERNEL``); the XLA GEMMs around the kernels on bf16 operands
+# (``BF16_OPERANDS``)
 _CHUNK_KERNELS = {"blocks": (dict(blocks_kernel=True), 0), "factors": (dict(blocks_kernel=True, factors_kernel=True), 1),
-                  "adjoint": (dict(factored_adjoint=True), 2), "cumsum": (dict(cumsum_kernel=True), 3)}
+                  "adjoint": (dict(factored_adjoint=True), 2), "cumsum": (dict(cumsum_kernel=True), 3),
+                  "bf16_operands": (dict(bf16_operands=True), 4)}
 
 
 @pytest.mark.gpu
