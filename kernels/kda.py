@@ -72,10 +72,18 @@ CUMSUM_KERNEL = True
 # products do: W = T·Kb and U = T·βV of the forward (written as bf16, which the state pass reads
 # anyway), o's Qs·h and Aqk·Vn under differentiation, and every GEMM of the backward's gradient
 # assembly (``chunked._core_bwd``: dO·hᵀ, Vn·dSnᵀ, Tᵀ·dW, Tᵀ·dVn, dT, Tᵀ·dT·Tᵀ, dO·Vnᵀ, the
-# off-diagonal sub-blocks' adjoints). Off: float32 operands (TF32 or better, XLA's default).
-BF16_OPERANDS = False
-# experiment: an optimization barrier on the backward's chunk-major gradients
-GRADIENT_BARRIER = False
+# off-diagonal sub-blocks' adjoints). Off: float32 operands (TF32 or better, XLA's default). The
+# errors against float64 grow by up to ~0.1 of kda_spec §5.3's thresholds (o 0.62 → 0.74, final state
+# 0.35 → 0.45 of them at B1 T150 HV2 K64 bf16, interpret mode). Its GPU tests (test_mosaic.py
+# ``-k bf16_operands`` and the default-switch tests) passed on an H200 at e275188 and <SHA>; mid
+# forward 1.49 → 1.39 ms, forward+backward 4.98 → 4.68 ms back to back (benchmarks/NOTES.md v12).
+BF16_OPERANDS = True
+# An optimization barrier on the backward's chunk-major gradients (``MosaicPasses.gradients``): without
+# it XLA forms dq, dk, dv, dG in one fusion (transposed to the caller's layout on the way out) and dβ
+# in a sibling reduction fusion that re-reads the same ~1.7 GB of float32 chunk tensors (0.47 + 0.32
+# ms at mid); with it one multi-output fusion reads them once (0.36 ms) and the three transposes
+# follow apart (~0.12 ms): mid forward+backward 4.78 → 4.60 ms of kernels (profiles, NOTES v12).
+GRADIENT_BARRIER = True
 
 _SUB = intra.SUB
 _R, _C = np.arange(_SUB)[:, None], np.arange(_SUB)[None, :]
@@ -126,6 +134,7 @@ class MosaicPasses:
         self.factored_adjoint = FACTORED_ADJOINT if factored_adjoint is None else bool(factored_adjoint)
         self.cumsum_kernel = CUMSUM_KERNEL if cumsum_kernel is None else bool(cumsum_kernel)
         self.bf16_operands = BF16_OPERANDS if bf16_operands is None else bool(bf16_operands)
+        self.gradient_barrier = GRADIENT_BARRIER
 
     def operand(self, x):
         return x.astype(_BF16) if self.bf16_operands else x
@@ -209,14 +218,15 @@ class MosaicPasses:
         return dh0, dSn, dVn
 
     def gradients(self, dq, dk, dv, dG, dbeta):
-        if not GRADIENT_BARRIER:
+        if not self.gradient_barrier:
             return dq, dk, dv, dG, dbeta
-        # XLA computes them in one fusion per output layout instead of two that each re-read the inputs
+        # one fusion reads the chunk tensors they come from, not two (``GRADIENT_BARRIER``)
         return jax.lax.optimization_barrier((dq, dk, dv, dG, dbeta))
 
     def _key(self):
         return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel,
-                self.factored_diagonal, self.factored_adjoint, self.cumsum_kernel, self.bf16_operands)
+                self.factored_diagonal, self.factored_adjoint, self.cumsum_kernel, self.bf16_operands,
+                self.gradient_barrier)
 
     def __hash__(self):
         return hash((type(self), self._key()))

@@ -85,7 +85,8 @@ def test_state_pass_rejects_wrong_operands():
 
 
 @pytest.mark.parametrize("shape,dtype,gate,fused,blocks,factors", [
-    # padding (T % 64 ≠ 0), h0; Aqk, L in XLA, the diagonal adjoints by ``band_adjoint``, G by XLA
+    # padding (T % 64 ≠ 0), h0; Aqk, L in XLA, the diagonal adjoints by ``band_adjoint``, G by XLA,
+    # float32 operands for the XLA GEMMs
     ((1, 100, 1, 1, 64, 64), jnp.float32, "normal", False, False, False),
     ((1, 130, 1, 2, 64, 128), jnp.bfloat16, "strong", False, True, False),  # GVA, V = 128, gates of -1000
     ((1, 100, 1, 2, 64, 64), jnp.bfloat16, "strong", True, True, False),    # the fused-output forward kernel
@@ -94,7 +95,7 @@ def test_state_pass_rejects_wrong_operands():
 def test_interpret_matches_float64_recurrence(shape, dtype, gate, fused, blocks, factors):
     x = make_inputs(*shape, dtype=dtype, gate=gate, seed=sum(shape))
     check_against_oracle(_mosaic(fused_output=fused, blocks_kernel=blocks, factors_kernel=factors,
-                                 factored_adjoint=blocks, cumsum_kernel=blocks), x,
+                                 factored_adjoint=blocks, cumsum_kernel=blocks, bf16_operands=blocks), x,
                          label=f"mosaic {shape}", primal=fused)
 
 
