@@ -12,9 +12,9 @@ form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off); ``cumsum`` the gate's
 and its adjoint, each in one pass between the caller's layout and the chunk-major one
 (``CUMSUM_KERNEL``). The triangular inverse, the gating factors of the backward and the gradients
 that follow from the chunk states stay XLA. Operands the
-state passes and the tensor-core products read are rounded to bf16 (the state and all accumulations
-stay float32), so float32 inputs give bf16-level agreement, within the thresholds of kda_spec §5.3;
-the diagonal bands are float32 sums.
+state passes, the tensor-core products and XLA's GEMMs (``BF16_OPERANDS``) read are rounded to bf16
+(the state and all accumulations stay float32), so float32 inputs give bf16-level agreement, within
+the thresholds of kda_spec §5.3; the diagonal bands are float32 sums.
 """
 
 from __future__ import annotations
@@ -75,14 +75,17 @@ CUMSUM_KERNEL = True
 # off-diagonal sub-blocks' adjoints). Off: float32 operands (TF32 or better, XLA's default). The
 # errors against float64 grow by up to ~0.1 of kda_spec §5.3's thresholds (o 0.62 → 0.74, final state
 # 0.35 → 0.45 of them at B1 T150 HV2 K64 bf16, interpret mode). Its GPU tests (test_mosaic.py
-# ``-k bf16_operands`` and the default-switch tests) passed on an H200 at e275188 and <SHA>; mid
-# forward 1.49 → 1.39 ms, forward+backward 4.98 → 4.68 ms back to back (benchmarks/NOTES.md v12).
+# ``-k bf16_operands``, 6: five op shapes with −1000 gates, packed documents in float32; and with it on,
+# ``test_gpu_matches_float64_recurrence`` at five shapes in bf16 and float32, causality, the front door
+# with packed documents) passed on an H200 at e275188 and 0c9d925; mid forward 1.49 → 1.39 ms,
+# forward+backward 4.98 → 4.68 ms back to back, same run (benchmarks/NOTES.md v12).
 BF16_OPERANDS = True
 # An optimization barrier on the backward's chunk-major gradients (``MosaicPasses.gradients``): without
 # it XLA forms dq, dk, dv, dG in one fusion (transposed to the caller's layout on the way out) and dβ
 # in a sibling reduction fusion that re-reads the same ~1.7 GB of float32 chunk tensors (0.47 + 0.32
 # ms at mid); with it one multi-output fusion reads them once (0.36 ms) and the three transposes
-# follow apart (~0.12 ms): mid forward+backward 4.78 → 4.60 ms of kernels (profiles, NOTES v12).
+# follow apart (~0.12 ms): mid forward+backward 4.78 → 4.60 ms of kernels (profiles at e275188, NOTES
+# v12); on with the GPU tests above at 0c9d925.
 GRADIENT_BARRIER = True
 
 _SUB = intra.SUB
