@@ -107,12 +107,19 @@ def test_interpret_factored_adjoint(gate):
     check_against_oracle(_mosaic(factored_adjoint=True), x, label=f"mosaic factored adjoint {gate}")
 
 
-@pytest.mark.parametrize("blocks,factors", [(False, False), (True, True)], ids=["xla-chunk-pieces", "chunk-kernels"])
-def test_interpret_packed_documents(blocks, factors):
+@pytest.mark.parametrize("switches", [
+    pytest.param({}, id="defaults"),
+    # the paths that are off by default (suite budget: ``slow``; their GPU tests cover packed documents too)
+    pytest.param(dict(blocks_kernel=False, factored_adjoint=False, cumsum_kernel=False, bf16_operands=False),
+                 id="xla-chunk-pieces", marks=pytest.mark.slow),
+    pytest.param(dict(factors_kernel=True), id="factors-kernel", marks=pytest.mark.slow),
+])
+def test_interpret_packed_documents(switches):
+    """Documents with boundaries inside chunks (and at a chunk's first row), −1000 gates, both calls."""
     x = make_inputs(2, 150, 1, 1, 64, 64, dtype=jnp.bfloat16, gate="strong", seed=4)
     resets = resets_from_segment_ids(jnp.asarray(np.stack([_segments(150, [10, 70, 71]), _segments(150, [64, 140])])))
-    check_against_oracle(_mosaic(resets, fused_output=True, blocks_kernel=blocks, factors_kernel=factors), x,
-                         resets=resets, label="mosaic segments", primal=True)
+    check_against_oracle(_mosaic(resets, fused_output=True, **switches), x, resets=resets, label="mosaic segments",
+                         primal=True)
 
 
 def test_fused_output_only_where_not_differentiated(monkeypatch):
