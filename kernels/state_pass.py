@@ -22,10 +22,10 @@ follow from h, Vn, dS and dVn) stays in XLA around these kernels (``kda_jax.kern
 
 In interpret mode (``interpret=True``) the same kernels run on CPU through
 ``plgpu.InterpretGPUParams`` for the tests. The interpreter keeps its simulated GPU memory in one
-process-global object, so two interpreted kernels must not run at once: call them under ``jax.jit``,
-or set ``jax.config.update("jax_cpu_enable_async_dispatch", False)`` before the CPU backend starts
-(as tests/conftest.py does) — eager calls with asynchronous dispatch can hang (seen in a gradient
-taken eagerly, where the next kernel started while the previous one still ran).
+process-global object, so two interpreted kernels must not run at once: set
+``jax.config.update("jax_cpu_enable_async_dispatch", False)`` before the CPU backend starts (as
+tests/conftest.py does); with asynchronous dispatch a gradient taken eagerly hung (the next kernel
+started while the previous one still ran).
 """
 
 from __future__ import annotations
