@@ -72,7 +72,7 @@ CUMSUM_KERNEL = True
 # products do: W = T·Kb and U = T·βV of the forward (written as bf16, which the state pass reads
 # anyway), o's Qs·h and Aqk·Vn under differentiation, and every GEMM of the backward's gradient
 # assembly (``chunked._core_bwd``: dO·hᵀ, Vn·dSnᵀ, Tᵀ·dW, Tᵀ·dVn, dT, Tᵀ·dT·Tᵀ, dO·Vnᵀ, the
-# off-diagonal sub-blocks' adjoints). Off: float32 operands (TF32 or better, XLA's default). The
+# off-diagonal sub-blocks' adjoints). Off: float32 operands at XLA's default precision. The
 # errors against float64 grow by up to ~0.1 of kda_spec §5.3's thresholds (o 0.62 → 0.74, final state
 # 0.35 → 0.45 of them at B1 T150 HV2 K64 bf16, interpret mode). Its GPU tests (test_mosaic.py
 # ``-k bf16_operands``, 6: five op shapes with −1000 gates, packed documents in float32; and with it on,
