@@ -182,16 +182,16 @@ class MosaicPasses:
         b = beta.astype(_F32).reshape(*beta.shape[:-1], nc, _SUB)[..., None]
         G = gating.G.astype(_F32)
         args = (q.astype(k.dtype), k, G)
-        if self.factored_adjoint:
+        if self.factored_adjoint:  # the bounded rows on the tensor cores, the bands the others
             safe_rows, safe_chunk = blocks.bounded_rows(G)
             bounded = safe_rows.reshape(*safe_rows.shape[:-1], nc, _SUB)[..., None] > 0  # row i
-            dMb, dMd = jnp.where(bounded, dMd, 0.0), jnp.where(bounded, 0.0, dMd)  # tensor cores / bands
-            bd = jnp.stack([_block_diag(dMb[0]), _block_diag(dMb[1]), _block_diag((dMb[0] * b).swapaxes(-1, -2)),
-                            _block_diag(dMb[1].swapaxes(-1, -2))], axis=-3).astype(_BF16)
+            dMd = jnp.where(bounded, 0.0, dMd)
         cols = jnp.stack([dMd[0] * b, dMd[1]])  # β_i folded into the L rows
         bands = (blocks_to_row_bands(dMd), blocks_to_col_bands(cols))
         if self.factored_adjoint:
-            rl, rp, col = adjoint.diagonal_adjoint(*args, *bands, bd, safe_chunk, interpret=self.interpret)
+            dL, dP = (x.astype(_F32) for x in dMs)
+            rl, rp, col = adjoint.diagonal_adjoint(*args, *bands, dL, dP, beta.astype(_F32), safe_rows, safe_chunk,
+                                                   interpret=self.interpret)
         else:
             rl, rp, col = intra.band_adjoint(*args, *bands, interpret=self.interpret)
         dt = gating.G.dtype

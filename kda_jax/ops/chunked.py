@@ -26,8 +26,8 @@ Numerics (§3.5):
   use the backend's default precision, except the inverse, which uses HIGHEST; a ``passes`` object
   may round what the GEMMs of W, U and of the backward read (``passes.operand``: bf16 on the GPU
   kernels' path, as their own products do), always accumulating in float32.
-* T = (I + L)⁻¹ (§3.4): 16×16 diagonal blocks by row-wise forward substitution, then block
-  forward substitution T[p, <p] = −T_pp · L[p, <p] · T[<p, <p].
+* T = (I + L)⁻¹ (§3.4): 16×16 diagonal blocks by row-wise forward substitution, then neighbouring
+  blocks merged pairwise, 16 → 32 → 64 (``_unit_lower_inverse``).
 
 Memory (§4.1): the forward saves q, k, v, G, β, the initial state, Aqk and T (2·C floats per
 token-head beyond the inputs: G takes the place of a); the backward recomputes W, U, Kd and the
@@ -76,10 +76,10 @@ def _mT(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, -1, -2)
 
 
-def _diag_blocks(M: jax.Array) -> jax.Array:
-    """[..., C, C] -> its 16×16 diagonal blocks [..., C/16, 16, 16]."""
-    nc = M.shape[-1] // SUB
-    Mb = M.reshape(*M.shape[:-2], nc, SUB, nc, SUB)
+def _diag_blocks(M: jax.Array, size: int = SUB) -> jax.Array:
+    """[..., C, C] -> its ``size``×``size`` diagonal blocks [..., C/size, size, size]."""
+    nc = M.shape[-1] // size
+    Mb = M.reshape(*M.shape[:-2], nc, size, nc, size)
     return jnp.moveaxis(jnp.diagonal(Mb, axis1=-4, axis2=-2), -1, -3)
 
 
@@ -214,20 +214,27 @@ class _Gating:
         return out
 
 
-def _unit_lower_inverse(L: jax.Array) -> jax.Array:
-    """T = (I + L)⁻¹ for strictly lower-triangular L ``[..., C, C]`` (kda_spec §3.4)."""
-    C = L.shape[-1]
-    nc = C // SUB
+def _unit_lower_inverse(L: jax.Array, out=_same) -> jax.Array:
+    """T = (I + L)⁻¹ for strictly lower-triangular L ``[..., C, C]`` (kda_spec §3.4), passed through
+    ``out`` (a cast) as it is assembled.
+
+    The 16×16 diagonal blocks by row-wise forward substitution, then pairs of neighbouring blocks
+    merged, 16 → 32 → … → C: ``[[A, 0], [L₂₁, B]]⁻¹ = [[A⁻¹, 0], [−B⁻¹·L₂₁·A⁻¹, B⁻¹]]`` — the terms of
+    block forward substitution, as two batched GEMMs per level, each level written once (no
+    updates in place of the whole T)."""
     X = -_diag_blocks(L)
     for i in range(2, SUB):  # rows 0 and 1 are final; each step uses finished rows only
         X = X.at[..., i, :].add(jnp.einsum("...m,...mj->...j", X[..., i, :i], X[..., :i, :], precision=_HIGHEST))
-    Tdiag = X + jnp.eye(SUB, dtype=L.dtype)
-    T = _block_diag(Tdiag)
-    for p in range(1, nc):
-        r = slice(p * SUB, (p + 1) * SUB)
-        rhs = jnp.einsum("...ij,...jk->...ik", L[..., r, : p * SUB], T[..., : p * SUB, : p * SUB], precision=_HIGHEST)
-        T = T.at[..., r, : p * SUB].set(-jnp.einsum("...ij,...jk->...ik", Tdiag[..., p, :, :], rhs, precision=_HIGHEST))
-    return T
+    D = X + jnp.eye(SUB, dtype=L.dtype)  # [..., nb, s, s], the inverses of the diagonal s-blocks
+    while D.shape[-3] > 1:
+        s = D.shape[-1]
+        A, B = D[..., 0::2, :, :], D[..., 1::2, :, :]
+        lower = _diag_blocks(L, 2 * s)[..., s:, :s]
+        off = -jnp.matmul(B, jnp.matmul(lower, A, precision=_HIGHEST), precision=_HIGHEST)
+        last = D.shape[-3] == 2
+        A, B, off = (out(x) if last else x for x in (A, B, off))
+        D = jnp.concatenate([jnp.concatenate([A, jnp.zeros_like(A)], -1), jnp.concatenate([off, B], -1)], -2)
+    return D[..., 0, :, :]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -237,7 +244,7 @@ def _unit_lower_inverse(L: jax.Array) -> jax.Array:
 def _intra(q, k, qf, kf, beta, gating: _Gating, zones: _Zones, scale, passes):
     """Aqk (lower incl. diagonal) and T = (I + L)⁻¹, both ``[..., C, C]``."""
     Aqk, L = passes.gated_blocks(gating, q, k, qf, kf, beta, zones, scale)
-    return Aqk, _unit_lower_inverse(L)
+    return Aqk, _unit_lower_inverse(L, passes.operand)  # T as every GEMM that reads it wants it
 
 
 def _decays(G, zones: _Zones):

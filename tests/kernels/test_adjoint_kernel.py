@@ -58,12 +58,15 @@ def test_rejects_wrong_operands():
     q = jnp.zeros((1, 1, 1, 64, 64), jnp.bfloat16)
     G = q.astype(jnp.float32)
     bands = jnp.zeros((1, 1, 1, 2, SUB, 64), jnp.float32)
+    dM, rows = jnp.zeros((1, 1, 1, 64, 64), jnp.float32), jnp.ones((1, 1, 1, 64), jnp.float32)
     ok = jnp.zeros((1, 1, 1), jnp.int32)
-    with pytest.raises(ValueError, match=r"bd must be bfloat16\[1, 1, 1, 4, 64, 64\], got float32"):
-        adjoint.diagonal_adjoint(q, q, G, bands, bands, jnp.zeros((1, 1, 1, 4, 64, 64), jnp.float32), ok, interpret=True)
+    call = lambda *a: adjoint.diagonal_adjoint(q, q, G, bands, bands, *a, interpret=True)
+    with pytest.raises(ValueError, match=r"dP must be float32\[1, 1, 1, 64, 64\], got bfloat16"):
+        call(dM, dM.astype(jnp.bfloat16), rows, rows, ok)
+    with pytest.raises(ValueError, match=r"safe_rows must be float32\[1, 1, 1, 64\]"):
+        call(dM, dM, rows, rows[..., :32], ok)
     with pytest.raises(ValueError, match=r"bounded must be int32\[1, 1, 1\]"):
-        adjoint.diagonal_adjoint(q, q, G, bands, bands, jnp.zeros((1, 1, 1, 4, 64, 64), jnp.bfloat16), ok[..., None],
-                                 interpret=True)
+        call(dM, dM, rows, rows, ok[..., None])
 
 
 @pytest.mark.gpu
