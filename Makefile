@@ -20,10 +20,10 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install  ## default suite (CPU; excludes `gpu` and `slow`)
-	$(PY) -m pytest -n 2 -q $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup -q $(PYTEST_ARGS)
 
 test-all: install  ## include slow tests
-	$(PY) -m pytest -n 2 -q -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -n 2 --dist loadgroup -q -m "not gpu" $(PYTEST_ARGS)
 
 test-gpu:  ## on a CUDA machine: the GPU-marked tests (one-GPU tests on GPU 0, then the multi-GPU ones)
 	CUDA_VISIBLE_DEVICES=$${CUDA_VISIBLE_DEVICES:-0} KDA_TEST_GPU=1 python3 -m pytest -q -m "gpu and not multi_gpu" $(PYTEST_ARGS)

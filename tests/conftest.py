@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if not os.environ.get("KDA_TEST_GPU"):  # KDA_TEST_GPU=1 runs the suite on the GPU machine
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -14,3 +16,13 @@ jax.config.update("jax_enable_x64", True)
 # kernel can still be running when the next one starts (seen once as a hang under pytest -n 2).
 # Set before the CPU backend is created.
 jax.config.update("jax_cpu_enable_async_dispatch", False)
+
+
+@pytest.fixture(scope="session")
+def text_run(tmp_path_factory):
+    """One uninterrupted training run on a small text corpus (``tests.train.test_loop.make_text_run``),
+    shared by the tests that read a trained workdir; they share the xdist group ``text_run``, so
+    ``make test`` (``--dist loadgroup``) trains it once."""
+    from tests.train.test_loop import make_text_run
+
+    return make_text_run(tmp_path_factory.mktemp("text_run"))

@@ -9,9 +9,6 @@ from flax import nnx
 from kda_jax.inference import Generator, Sampling, sample
 from kda_jax.inference.generate import main as generate_main
 from kda_jax.models import HybridDecoder, get_config
-from kda_jax.train.config import CONFIG_DIR, parse
-from kda_jax.train.loop import train
-from tests.train.test_loop import _corpus, _params
 
 
 def test_sampling_rules():
@@ -59,11 +56,10 @@ def test_generator_greedy_equals_full_forward_and_stops():
     assert gen._step._cache_size() == 1  # one decode compile for every step and call
 
 
-def test_generate_command_from_a_training_workdir(tmp_path, capsys):
-    run = parse([CONFIG_DIR / "base.gin"], _params(_corpus(tmp_path), 2, **{"TrainConfig.sample_tokens": 0}))
-    train(run, tmp_path / "run", progress=False)
-    capsys.readouterr()
-    assert generate_main(["--workdir", str(tmp_path / "run"), "--prompt", "to be", "--max_new_tokens", "12",
+@pytest.mark.xdist_group("text_run")
+def test_generate_command_from_a_training_workdir(text_run, tmp_path, capsys):
+    """From the workdir of the text run of tests/train/test_loop.py (the session fixture ``text_run``)."""
+    assert generate_main(["--workdir", str(text_run.workdir), "--prompt", "to be", "--max_new_tokens", "12",
                           "--temperature", "0"]) == 0
     text = capsys.readouterr().out
     assert text.startswith("to be") and len(text) >= len("to be") + 12  # 12 byte tokens streamed, then a newline

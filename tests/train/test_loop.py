@@ -1,5 +1,11 @@
-"""End to end on a small text corpus: a run writes what it should; a killed run resumes exactly."""
+"""End to end on a small text corpus: a run writes what it should; a killed run resumes exactly.
 
+Both tests (and ``tests/inference/test_generate.py::test_generate_command_from_a_training_workdir``)
+read one uninterrupted run, the session fixture ``text_run`` (tests/conftest.py, made by
+``make_text_run``), so it is trained once per test process; the three share an xdist group.
+"""
+
+import dataclasses
 import json
 import os
 import pathlib
@@ -9,11 +15,12 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from kda_jax.train.config import CONFIG_DIR, parse
-from kda_jax.train.loop import train
 
 ROOT = pathlib.Path(__file__).parents[2]
+STEPS = 10  # of the reference run; the killed run stops at step 5 or later
 
 
 def _corpus(tmp_path):
@@ -27,39 +34,28 @@ def _corpus(tmp_path):
     return d
 
 
-def _params(corpus, steps, **extra):
-    p = [f"DataConfig.path = '{corpus}'", "DataConfig.seq_len = 64", "DataConfig.batch_size = 8",
+def _params(corpus, steps):
+    return [f"DataConfig.path = '{corpus}'", "DataConfig.seq_len = 64", "DataConfig.batch_size = 8",
          "DataConfig.val_fraction = 0.2", "ModelSpec.preset = 'tiny'", f"TrainConfig.steps = {steps}",
          "TrainConfig.log_every = 1", "TrainConfig.eval_every = 4", "TrainConfig.eval_batches = 2",
          "TrainConfig.checkpoint_every = 2", "TrainConfig.sample_tokens = 16", "TrainConfig.sample_prompt = 'to be'",
          "OptimConfig.warmup_steps = 2", "OptimConfig.learning_rate = 1e-2", "MeshConfig.fsdp = 4", "MeshConfig.data = 2",
          # two layers (KDA + MLA, dense FFN + MoE) keep compilation short
          "ModelSpec.overrides = {'num_hidden_layers': 2, 'kda_layers': (1,), 'full_attn_layers': (2,)}"]
-    return p + [f"{k} = {v}" for k, v in extra.items()]
 
 
-def _losses(workdir):
-    out = {}
+def _rows(workdir):
+    out = []
     for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines():
         try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut short by a kill
             continue
-        if "loss" in rec:
-            out[rec["step"]] = rec["loss"]
     return out
 
 
-def test_a_run_writes_metrics_checkpoints_config_and_a_sample(tmp_path):
-    run = parse([CONFIG_DIR / "base.gin"], _params(_corpus(tmp_path), 8))
-    summary = train(run, tmp_path / "run", progress=False)
-    work = tmp_path / "run"
-    assert (work / "config.gin").read_text() == run.operative
-    losses = _losses(work)
-    assert sorted(losses) == list(range(1, 9)) and losses[8] < losses[1]
-    assert np.isfinite(summary["val_loss"]) and summary["sample"].startswith("to be")
-    assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())[-1] == 8
-    assert any((work / "tensorboard").iterdir())
+def _losses(workdir):
+    return {rec["step"]: rec["loss"] for rec in _rows(workdir) if "loss" in rec}
 
 
 def _command(corpus, steps, workdir):
@@ -67,22 +63,51 @@ def _command(corpus, steps, workdir):
             "--no_progress"] + [f"--gin_param={p}" for p in _params(corpus, steps)]
 
 
-def test_kill_and_restart_reproduces_the_uninterrupted_losses(tmp_path):
-    """Both runs are separate processes (the test process runs with float64 enabled)."""
+@dataclasses.dataclass(frozen=True)
+class TextRun:
+    corpus: pathlib.Path
+    workdir: pathlib.Path
+    env: dict  # the environment of its process, with the persistent compilation cache it filled
+    stdout: str
+
+
+def make_text_run(tmp_path) -> TextRun:
+    """An uninterrupted run of ``STEPS`` steps in a separate process (the test process runs with float64
+    enabled), so a later run in the same environment computes the same losses bit for bit. Later
+    processes compile the same programs: the persistent compilation cache it fills makes them load
+    them instead (suite time; the executables, and so the losses, are the same)."""
     corpus = _corpus(tmp_path)
-    steps = 10
-    # the three processes compile the same programs: a shared persistent compilation cache makes the
-    # later two load them instead (suite time; the executables, and so the losses, are the same)
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-    reference = subprocess.run(_command(corpus, steps, tmp_path / "reference"), env=env, cwd=ROOT,
-                               capture_output=True, text=True, timeout=300)
-    assert reference.returncode == 0, reference.stderr[-2000:]
-    want = _losses(tmp_path / "reference")
+    result = subprocess.run(_command(corpus, STEPS, tmp_path / "run"), env=env, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return TextRun(corpus, tmp_path / "run", env, result.stdout)
 
+
+@pytest.mark.xdist_group("text_run")
+def test_a_run_writes_metrics_checkpoints_config_and_a_sample(text_run):
+    work = text_run.workdir
+    run = parse([CONFIG_DIR / "base.gin"], _params(text_run.corpus, STEPS))
+    assert (work / "config.gin").read_text() == run.operative
+    losses = _losses(work)
+    assert sorted(losses) == list(range(1, STEPS + 1)) and losses[STEPS] < losses[1]
+    rows = _rows(work)
+    val = {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+    assert sorted(val) == [4, 8, STEPS] and all(np.isfinite(v) for v in val.values())
+    samples = [r["text"] for r in rows if r.get("tag") == "sample"]
+    assert len(samples) == 1 and samples[0].startswith("to be") and f"sample:\n{samples[0]}" in text_run.stdout
+    assert sorted(int(p.name) for p in (work / "checkpoints").iterdir() if p.name.isdigit())[-1] == STEPS
+    assert any((work / "tensorboard").iterdir())
+
+
+@pytest.mark.xdist_group("text_run")
+def test_kill_and_restart_reproduces_the_uninterrupted_losses(text_run, tmp_path):
+    """The killed and the resumed run are separate processes in the reference run's environment."""
+    want = _losses(text_run.workdir)
     work = tmp_path / "killed"
-    cmd = _command(corpus, steps, work)
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    cmd = _command(text_run.corpus, STEPS, work)
+    proc = subprocess.Popen(cmd, env=text_run.env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         if (work / "metrics.jsonl").exists() and max(_losses(work), default=0) >= 5:
@@ -92,12 +117,12 @@ def test_kill_and_restart_reproduces_the_uninterrupted_losses(tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]
     killed_at = max(_losses(work))
-    assert killed_at < steps
+    assert killed_at < STEPS
 
-    result = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(cmd, env=text_run.env, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "resumed from step" in result.stdout
     got = _losses(work)
-    assert max(got) == steps
-    for step in range(killed_at + 1, steps + 1):  # bit-exact
+    assert max(got) == STEPS
+    for step in range(killed_at + 1, STEPS + 1):  # bit-exact
         assert got[step] == want[step], (step, got[step], want[step])
