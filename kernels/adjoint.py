@@ -65,22 +65,26 @@ def diagonal_adjoint(q, k, G, rows, cols, dL, dP, beta, safe_rows, bounded, *, i
         outs = (rl_ref, rp_ref, col_ref)
         for src, dst in ((r_ref.at[idx], r_s), (c_ref.at[idx], c_s)):
             plgpu.copy_gmem_to_smem(src, dst, bar)
+        rw = blocks._Rows(C, w)
+
+        def tiles(cb):  # the column block's G, q, k from global memory, float32
+            load = lambda ref: plgpu.load(ref.at[idx].at[:, pl.ds(cb * w, w)], layout=_WG, optimized=False)
+            return tuple(load(ref).astype(_F32) for ref in (g_ref, q_ref, k_ref))
+
+        first = tiles(0)  # in flight with dL and dP below (loads are not moved across the barrier wait)
         # BD(dL), BD(dP), BD(β dL): the bounded rows' entries of the diagonal sub-blocks, j ≤ i
         i = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=_WG)
         j = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=_WG)
         row_vec = lambda ref: lax.broadcast_in_dim(plgpu.load(ref.at[idx], layout=_ROW, optimized=False), (C, C), [0])
         keep = (i // intra.SUB == j // intra.SUB) & (j <= i) & (row_vec(sr_ref) > 0.0)
-        load = lambda ref: jnp.where(keep, plgpu.load(ref.at[idx], layout=_WG, optimized=False), 0.0)
-        dl = load(dl_ref)
+        dl, dp = (jnp.where(keep, plgpu.load(ref.at[idx], layout=_WG, optimized=False), 0.0) for ref in (dl_ref, dp_ref))
         bd_s.at[0][...] = dl.astype(_BF16)
-        bd_s.at[1][...] = load(dp_ref).astype(_BF16)
+        bd_s.at[1][...] = dp.astype(_BF16)
         bd_s.at[2][...] = (row_vec(b_ref) * dl).astype(_BF16)
         plgpu.barrier_wait(bar)
-        rw = blocks._Rows(C, w)
         for cb in range(nb):  # the bounded rows, on the tensor cores
             cs = pl.ds(cb * w, w)
-            load = lambda ref: plgpu.load(ref.at[idx].at[:, cs], layout=_WG, optimized=False).astype(_F32)
-            g, qx, kx = load(g_ref), load(q_ref), load(k_ref)
+            g, qx, kx = first if cb == 0 else tiles(cb)
             up, down = rw.anchored(g, blocks.first_rows(g_ref.at[idx], cs, nc), SIGMA)
             if cb:
                 plgpu.commit_smem()  # every thread is done with the previous block's operands
