@@ -8,7 +8,8 @@ from flax import nnx
 
 from kda_jax.inference import Generator, Sampling, sample
 from kda_jax.inference.generate import main as generate_main
-from kda_jax.models import HybridDecoder, get_config
+from kda_jax.models import HybridDecoder
+from tests.models.helpers import two_layer_config
 
 
 def test_sampling_rules():
@@ -34,7 +35,7 @@ def test_sampling_rules():
 
 
 def test_generator_greedy_equals_full_forward_and_stops():
-    m = HybridDecoder(get_config("tiny", dtype="float32"), rngs=nnx.Rngs(1))
+    m = HybridDecoder(two_layer_config(dtype="float32"), rngs=nnx.Rngs(1))
     prompts = [[3, 1, 4], [1, 5, 9, 2, 6, 5, 3]]
     gen = Generator(m, max_len=80, sampling=Sampling(temperature=0), pad_multiple=16)
     seen = []
@@ -74,7 +75,7 @@ def test_sharded_generation_equals_unsharded():
     from kda_jax.train.config import MeshConfig
     from kda_jax.train.mesh import make_mesh
 
-    cfg = get_config("tiny", dtype="float32")
+    cfg = two_layer_config(dtype="float32")
     mesh = make_mesh(MeshConfig(data=2, fsdp=2, tensor=2, expert=1), jax.devices()[:8])
     prompts = [[3, 1, 4], [1, 5], [9, 2, 6, 5], [3, 5]]
     plain = Generator(HybridDecoder(cfg, rngs=nnx.Rngs(2)), max_len=32, sampling=Sampling(temperature=0),

@@ -1,5 +1,7 @@
 """Prefill + decode with caches against one forward pass over the whole sequence."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,12 +11,25 @@ from flax import nnx
 from kda_jax.inference import MLACache, cache_bytes, cache_slots, empty_cache, tree_bytes
 from kda_jax.layers import MLAttention
 from kda_jax.models import HybridDecoder, get_config, variant
+from kda_jax.models.decoder import PREFILL_SEGMENT
+from tests.models.helpers import two_layer_config
 from tests.ops.helpers import rel_rmse
 
 
 def _model(name):
-    cfg = get_config("tiny", dtype="float32")
+    cfg = two_layer_config(dtype="float32")
     return HybridDecoder(cfg if name == "hybrid" else variant(cfg, name), rngs=nnx.Rngs(3))
+
+
+# Jitted: run eagerly, each of the model's many small ops compiles on first use (16 s for one forward
+# pass of the tiny model on a CPU, 3 s jitted).
+_forward = jax.jit(lambda m, t: m(t).logits)
+_decode = nnx.jit(lambda m, t, c: m.decode(t, c), donate_argnums=2)
+
+
+@functools.partial(jax.jit, static_argnames=("max_len", "segment"))
+def _prefill(m, tokens, prompt_lengths, max_len, segment=PREFILL_SEGMENT):
+    return m.prefill(tokens, prompt_lengths, max_len, jnp.float32, segment=segment)
 
 
 @pytest.mark.parametrize("name,steps", [
@@ -26,13 +41,12 @@ def test_prefill_then_decode_equals_one_forward(name, steps):
     m = _model(name)
     T, k = 19, sum(steps)
     toks = jnp.asarray(np.random.default_rng(len(steps)).integers(0, m.config.vocab_size, (2, T + k)), jnp.int32)
-    full = m(toks).logits
-    logits, cache = m.prefill(toks[:, :T], jnp.full((2,), T), max_len=32, cache_dtype=jnp.float32)
+    full = _forward(m, toks)
+    logits, cache = _prefill(m, toks[:, :T], jnp.full((2,), T), max_len=32)
     assert rel_rmse(logits, full[:, :T]) < 1e-4
-    decode = nnx.jit(lambda m, t, c: m.decode(t, c), donate_argnums=2)
     t = T
     for s in steps:
-        out, cache = decode(m, toks[:, t:t + s], cache)
+        out, cache = _decode(m, toks[:, t:t + s], cache)
         assert rel_rmse(out, full[:, t:t + s]) < 1e-4, (name, t, s)
         t += s
     assert int(cache.pos) == T + k
@@ -47,15 +61,14 @@ def test_prompts_of_different_lengths_equal_each_alone():
     batch = np.zeros((3, T), np.int32)
     for i, p in enumerate(prompts):
         batch[i, T - len(p):] = p
-    logits, cache = m.prefill(jnp.asarray(batch), jnp.asarray(lengths), max_len=T + k, cache_dtype=jnp.float32)
+    logits, cache = _prefill(m, jnp.asarray(batch), jnp.asarray(lengths), max_len=T + k)
     outs = [logits[:, -1]]
     for j in range(k):
-        lj, cache = m.decode(jnp.asarray(nxt[:, j:j + 1], jnp.int32), cache)
+        lj, cache = _decode(m, jnp.asarray(nxt[:, j:j + 1], jnp.int32), cache)
         outs.append(lj[:, 0])
-    forward = nnx.jit(lambda m, t: m(t).logits[0])  # one compile: right padding never reaches earlier logits
-    for i, p in enumerate(prompts):
+    for i, p in enumerate(prompts):  # one compile: right padding never reaches earlier logits
         seq = np.concatenate([p, nxt[i]])
-        alone = forward(m, jnp.asarray(np.pad(seq, (0, T + k - len(seq)))[None], jnp.int32))[:len(seq)]
+        alone = _forward(m, jnp.asarray(np.pad(seq, (0, T + k - len(seq)))[None], jnp.int32))[0, :len(seq)]
         ref = alone[len(p) - 1:]
         got = jnp.stack([o[i] for o in outs])
         assert rel_rmse(got, ref) < 1e-4, f"prompt {i} (length {len(p)})"
@@ -81,8 +94,8 @@ def test_absorbed_mla_decode_equals_expanded_attention(use_rope, batch, step):
 
 def test_cache_bytes_match_the_arrays_and_the_papers_reduction():
     for name in ("hybrid", "mla_only", "gdn_hybrid"):
-        m = _model(name)
-        _, cache = m.prefill(jnp.zeros((3, 10), jnp.int32), jnp.full((3,), 10), max_len=24)
+        m = _model(name)  # the shapes and dtypes of the cache prefill builds (traced, not run)
+        _, cache = jax.eval_shape(lambda: m.prefill(jnp.zeros((3, 10), jnp.int32), jnp.full((3,), 10), max_len=24))
         counted = cache_bytes(m.config, seq_len=24, batch=3)
         arrays = sum(tree_bytes(c) for c in cache.layers)
         assert counted["total"] == arrays, name
@@ -97,10 +110,12 @@ def test_cache_bytes_match_the_arrays_and_the_papers_reduction():
 
 def test_cache_errors_name_the_problem():
     m = _model("hybrid")
+    prefill = lambda n, lengths, max_len: jax.eval_shape(  # raised while tracing (no compile)
+        lambda: m.prefill(jnp.zeros((n, 10), jnp.int32), jnp.full((lengths,), 10), max_len=max_len))
     with pytest.raises(ValueError, match="longer than the cache"):
-        m.prefill(jnp.zeros((1, 10), jnp.int32), jnp.full((1,), 10), max_len=8)
+        prefill(1, 1, 8)
     with pytest.raises(ValueError, match="prompt_lengths must have shape"):
-        m.prefill(jnp.zeros((2, 10), jnp.int32), jnp.full((3,), 10), max_len=16)
+        prefill(2, 3, 16)
     with pytest.raises(ValueError, match="seq_len and batch"):
         cache_bytes(m.config, -1, 1)
 
@@ -117,7 +132,7 @@ def test_prefill_memory_is_linear_in_length():
     """4x the tokens, < 6x the temporary memory: no [B, H, T, T] scores or [T, T] masks (4.0x with
     ``prefill_attention``; the XLA softmax over the whole prompt gave 23x here, and needs 64 GiB of
     float32 scores at 32K tokens for scaling_653m)."""
-    cfg = get_config("tiny", dtype="float32")
+    cfg = two_layer_config(dtype="float32")
     small, large = _prefill_temp_bytes(cfg, 1024), _prefill_temp_bytes(cfg, 4096)
     assert large / small < 6, (small, large)
 
@@ -166,9 +181,9 @@ def test_segmented_prefill_equals_one_pass(name):
     T = 50
     toks = jnp.asarray(np.random.default_rng(11).integers(0, m.config.vocab_size, (3, T)), jnp.int32)
     lens = jnp.asarray([50, 32, 25])
-    full, cache = m.prefill(toks, lens, 64, jnp.float32, segment=None)
+    full, cache = _prefill(m, toks, lens, 64, segment=None)
     for segment in (16, 25):
-        logits, seg_cache = m.prefill(toks, lens, 64, jnp.float32, segment=segment)
+        logits, seg_cache = _prefill(m, toks, lens, 64, segment=segment)
         for b, n in enumerate(np.asarray(lens)):  # the prompt positions of each row
             assert rel_rmse(logits[b, T - n:], full[b, T - n:]) < 1e-5, (segment, b)
         leaves, seg_leaves = jax.tree.leaves(cache), jax.tree.leaves(seg_cache)

@@ -7,6 +7,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from kda_jax.models import HybridDecoder, get_config
 from kda_jax.models.sharding import LOGICAL_RULES, create_sharded, logical_to_mesh
+from tests.models.helpers import two_layer_config
 
 
 def _mesh(shape):
@@ -55,7 +56,7 @@ def test_sharded_init_places_parameters_by_the_rules_and_equals_unsharded_init()
 
 def test_sharded_forward_equals_single_device_forward():
     mesh = _mesh((2, 2, 2, 1))
-    make = lambda: HybridDecoder(get_config("tiny"), rngs=nnx.Rngs(1))
+    make = lambda: HybridDecoder(two_layer_config(), rngs=nnx.Rngs(1))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, 256, (4, 24)), jnp.int32)
     want = jax.jit(lambda m, t: m(t).logits)(make(), tokens)
     with jax.set_mesh(mesh):

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from kda_jax.models import get_config
 from kda_jax.train.config import MeshConfig, OptimConfig, TrainConfig
 from kda_jax.train.mesh import global_batch, make_mesh, mesh_shape
 from kda_jax.train.optim import decay_mask, schedule
 from kda_jax.train.trainer import Trainer
 from tests.layers.test_kda_mixer import ref_rel
+from tests.models.helpers import two_layer_config
 
 
 def _batch(B=8, T=24, seed=0):
@@ -29,7 +29,7 @@ def _batch(B=8, T=24, seed=0):
 
 
 # tiny with two layers: KDA + MLA, a dense FFN and an MoE (compiles fast)
-SMALL = get_config("tiny", num_hidden_layers=2, kda_layers=(1,), full_attn_layers=(2,))
+SMALL = two_layer_config()
 _CACHE = {}
 
 
