@@ -30,21 +30,26 @@ def _batch(B=8, T=24, seed=0):
 
 # tiny with two layers: KDA + MLA, a dense FFN and an MoE (compiles fast)
 SMALL = two_layer_config()
+# Adam's eps = 1e-3 for the reason given in test_sharded_step_equals_single_device_step; one optimiser for
+# every test here, so they share one compiled single-device trainer (its tests share an xdist group)
+OPTIM = OptimConfig(learning_rate=1e-2, warmup_steps=2, eps=1e-3)
+SHARED = pytest.mark.xdist_group("train_step")
 _CACHE = {}
 
 
-def _trainer(mesh_cfg, devices=None, *, optim=None, **train):
+def _trainer(mesh_cfg, devices=None, *, optim=OPTIM, **train):
     key = (mesh_cfg, len(devices or jax.devices()), optim, tuple(sorted(train.items())))
     if key not in _CACHE:
         mesh = make_mesh(mesh_cfg, devices)
         train = TrainConfig(**{"steps": 50, "seed": 0, **train})
-        _CACHE[key] = Trainer.build(SMALL, optim or OptimConfig(learning_rate=1e-2, warmup_steps=2), train, mesh)
+        _CACHE[key] = Trainer.build(SMALL, optim, train, mesh)
     return _CACHE[key]
 
 
-def _run(trainer, batches):
+def _run(trainer, batches, init=None):
+    """``init``: another trainer's ``init`` of the same state layout (one compile fewer)."""
     with jax.set_mesh(trainer.mesh):
-        state = trainer.init()
+        state = (init or trainer.init)()
         losses = []
         for b in batches:
             state, m = trainer.step(state, global_batch(b, trainer.mesh))
@@ -52,17 +57,17 @@ def _run(trainer, batches):
     return jax.device_get(state), losses
 
 
+@SHARED
 def test_sharded_step_equals_single_device_step():
-    # eps = 1e-3 for the reason given in test_gradient_accumulation_equals_one_batch: with Adam's tiny
-    # default eps a near-zero gradient entry (rows of the embedding no token used) becomes an update
+    # OPTIM's eps = 1e-3 for the reason given in test_gradient_accumulation_equals_one_batch: with Adam's
+    # tiny default eps a near-zero gradient entry (rows of the embedding no token used) becomes an update
     # of ±lr whose sign float32 reordering decides, so the comparison would measure rounding luck
     # (1.1e-5 with eps 1e-8 after the MoE block size changed from 8 to 128 rows, 1.0e-7 with eps 1e-3);
     # the losses compare the forward and the first update with no such amplification.
-    optim = OptimConfig(learning_rate=1e-2, warmup_steps=2, eps=1e-3)
     batches = [_batch(seed=s) for s in range(2)]
-    one, l1 = _run(_trainer(MeshConfig(fsdp=1), jax.devices()[:1], optim=optim), batches)
-    many, l8 = _run(_trainer(MeshConfig(data=2, fsdp=2, tensor=2, expert=1), optim=optim), batches)
-    ep, le = _run(_trainer(MeshConfig(data=1, fsdp=2, tensor=1, expert=4), optim=optim), batches)
+    one, l1 = _run(_trainer(MeshConfig(fsdp=1), jax.devices()[:1]), batches)
+    many, l8 = _run(_trainer(MeshConfig(data=2, fsdp=2, tensor=2, expert=1)), batches)
+    ep, le = _run(_trainer(MeshConfig(data=1, fsdp=2, tensor=1, expert=4)), batches)
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
     np.testing.assert_allclose(le, l1, rtol=1e-5)
     worst = 0.0
@@ -71,19 +76,21 @@ def test_sharded_step_equals_single_device_step():
     assert worst < 1e-5, worst
 
 
+@SHARED
 def test_gradient_accumulation_equals_one_batch():
     # Adam with a tiny eps turns a gradient entry near 0 into an update of ±lr, so float32 rounding
-    # of the (differently ordered) sums could flip whole updates; eps = 1e-3 keeps the update a
+    # of the (differently ordered) sums could flip whole updates; OPTIM's eps = 1e-3 keeps the update a
     # smooth function of the gradient, and the comparison measures the accumulation itself.
-    optim = OptimConfig(learning_rate=1e-2, warmup_steps=2, eps=1e-3)
     batches = [_batch(seed=s) for s in range(2)]
-    full, lf = _run(_trainer(MeshConfig(fsdp=1), jax.devices()[:1], optim=optim), batches)
-    acc, la = _run(_trainer(MeshConfig(fsdp=1), jax.devices()[:1], optim=optim, microbatches=4), batches)
+    one_batch = _trainer(MeshConfig(fsdp=1), jax.devices()[:1])
+    full, lf = _run(one_batch, batches)
+    acc, la = _run(_trainer(MeshConfig(fsdp=1), jax.devices()[:1], microbatches=4), batches, init=one_batch.init)
     np.testing.assert_allclose(la, lf, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(full["params"]), jax.tree.leaves(acc["params"])):
         assert ref_rel(b, a) < 1e-5
 
 
+@SHARED
 def test_masked_targets_do_not_count():
     trainer = _trainer(MeshConfig(fsdp=1), jax.devices()[:1])
     b = _batch()
@@ -95,6 +102,7 @@ def test_masked_targets_do_not_count():
     assert float(e1["nll_sum"]) == float(e2["nll_sum"]) and float(e1["tokens"]) == b["loss_mask"].sum()
 
 
+@SHARED
 def test_non_finite_step_is_skipped_and_counted():
     trainer = _trainer(MeshConfig(fsdp=1), jax.devices()[:1])
     with jax.set_mesh(trainer.mesh):
@@ -110,9 +118,9 @@ def test_non_finite_step_is_skipped_and_counted():
     np.testing.assert_array_equal(before["params"]["lm_head"], after["params"]["lm_head"])
 
 
-@pytest.mark.parametrize("name", ["adamw", "muon"])
+@pytest.mark.parametrize("name", [pytest.param("adamw", marks=SHARED), "muon"])
 def test_loss_falls_and_router_biases_move(name):
-    optim = None if name == "adamw" else OptimConfig(name=name, learning_rate=1e-2, warmup_steps=2)
+    optim = OPTIM if name == "adamw" else OptimConfig(name=name, learning_rate=1e-2, warmup_steps=2)
     trainer = _trainer(MeshConfig(fsdp=1), jax.devices()[:1], optim=optim)
     b = _batch()
     with jax.set_mesh(trainer.mesh):
@@ -145,6 +153,7 @@ def test_bf16_master_weights_keep_their_dtypes_and_compile_once(name):
     assert trainer.step._cache_size() == 1 and np.isfinite(float(m["loss"]))
 
 
+@SHARED
 def test_weight_decay_mask_spares_norms_gates_and_embeddings():
     trainer = _trainer(MeshConfig(fsdp=1), jax.devices()[:1])
     abs_params = nnx.state(nnx.eval_shape(lambda: trainer.model(trainer.init())), nnx.Param)
