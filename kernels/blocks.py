@@ -107,28 +107,24 @@ def first_rows(g_ref, cols, nc):
     return [plgpu.load(g_ref.at[p * SUB, cols], layout=_COL, optimized=False) for p in range(nc)]
 
 
-def bounded_rows(G, rows=None):
+def bounded_rows(G):
     """``([N, B, H, C], [N, B, H])`` float32 and int32: 1 where a row's decay since the first row of
-    its sub-chunk is at most ``SAFE_SPAN`` in every channel, and where every row of the chunk is so;
-    ``rows``: the first, already formed (``cumsum.chunk_cumsum``'s ``bounds``)."""
-    if rows is None:
-        *lead, C, K = G.shape
-        Gb = G.reshape(*lead, C // SUB, SUB, K)
-        rows = (jnp.max(Gb[..., :1, :] - Gb, axis=-1).reshape(*lead, C) <= SAFE_SPAN).astype(_F32)
-    return rows, jnp.all(rows > 0, axis=-1).astype(jnp.int32)
+    its sub-chunk is at most ``SAFE_SPAN`` in every channel, and where every row of the chunk is so."""
+    *lead, C, K = G.shape
+    Gb = G.reshape(*lead, C // SUB, SUB, K)
+    ok = jnp.max(Gb[..., :1, :] - Gb, axis=-1).reshape(*lead, C) <= SAFE_SPAN
+    return ok.astype(_F32), jnp.all(ok, axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "buffers", "block_d", "factored"))
-def gated_blocks(q, k, G, beta, zone, bounded=None, *, scale, interpret=False, buffers=None, block_d=None,
-                 factored=None):
+def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, block_d=None, factored=None):
     """``(Aqk, L)``, each ``[N, B, H, C, C]`` float32 (module docstring), from chunk-major
     ``q, k [N, B, H, C, K]`` (bf16 or float32, one dtype), float32 ``G [N, B, H, C, K]``,
     ``beta [N, B, H, C]`` and the zone of each row ``zone [N, B, C]`` (float32 document counts
     inside the chunk; zeros when there are no documents); ``buffers``: sets of operand tiles
     (default ``OPERAND_BUFFERS``); ``block_d``: channels per off-diagonal operand tile (default
     ``OFF_BLOCK_D``); ``factored``: bounded rows' diagonal sub-blocks on the tensor cores (default
-    ``FACTORED_DIAGONAL``; off, every row takes the exact bands), ``bounded`` those rows if already
-    formed (``bounded_rows``' first output)."""
+    ``FACTORED_DIAGONAL``; off, every row takes the exact bands)."""
     N, B, H, C, K = intra._operands(q, k, G)
     buffers = OPERAND_BUFFERS if buffers is None else buffers
     if buffers not in (1, 2):
@@ -143,7 +139,7 @@ def gated_blocks(q, k, G, beta, zone, bounded=None, *, scale, interpret=False, b
     nc = C // SUB
     factored = FACTORED_DIAGONAL if factored is None else bool(factored)
     if factored:
-        safe_rows, safe_chunk = bounded_rows(G, bounded)
+        safe_rows, safe_chunk = bounded_rows(G)
     else:
         safe_rows, safe_chunk = jnp.zeros((N, B, H, C), _F32), jnp.zeros((N, B, H), jnp.int32)
     sigma = SIGMA if factored else 0.0

@@ -11,10 +11,6 @@ writes it once, in the other layout:
     ``chunk_cumsum``:  a ``[B, T, H, K]`` -> G ``[N, B, H, C, K]``,  G[n, :, :, i] = Σ_{j ≤ i} a[nC + j]
     ``chunk_cumsum_adjoint``: dG ``[N, B, H, C, K]`` -> da ``[B, T, H, K]``,  da[nC + j] = Σ_{i ≥ j} dG[n, :, :, i]
 
-With ``bounds``, the forward also writes the rows whose gates are bounded (``blocks.bounded_rows``:
-the decay since the first row of the row's 16-row sub-chunk within ``blocks.SAFE_SPAN`` in every
-channel) from the G tiles it holds, so no later pass reads G again for them.
-
 The sum is a log-depth (Hillis–Steele) scan over a ``[C, BLOCK_K]`` register tile: at step s the
 tile adds itself shifted by s rows, read back from shared memory whose rows outside the chunk are
 zero; so row i only ever meets rows of its own chunk on its own side (causal: nothing reaches G_i
@@ -32,8 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kda_jax.kernels import blocks
-from kda_jax.kernels.intra import BLOCK_K, SUB, _padded
+from kda_jax.kernels.intra import BLOCK_K, _padded
 from kda_jax.kernels.state_pass import _F32, _WG, _kernel, check_operand
 
 _check = functools.partial(check_operand, "chunk cumsum")
@@ -53,28 +48,13 @@ def _scan(x, buf, C, reverse):
     return x
 
 
-def _span(G, buf, C):
-    """Per row of the G tile ``[C, BLOCK_K]``, the largest decay since its sub-chunk's first row
-    (``_ROW`` vector); ``buf`` as in ``_scan``, free."""
-    pad = C // 2
-    buf.at[pl.ds(pad, C), pl.ds(0, BLOCK_K)][...] = G
-    plgpu.commit_smem()
-    rows = blocks._Rows(C, BLOCK_K)
-    first = [plgpu.load(buf.at[pad + s * SUB, pl.ds(0, BLOCK_K)], layout=blocks._COL, optimized=False)
-             for s in range(C // SUB)]
-    span = jnp.max(rows.by_sub(first[:-1], rows.tile(first[-1])) - G, axis=1)
-    plgpu.commit_smem()  # every thread has read the first rows before the next scan writes the tile
-    return span
-
-
-def _launch(src, dst, N, B, H, C, K, out_shape, reverse, name, interpret, bounds=False):
+def _launch(src, dst, N, B, H, C, K, out_shape, reverse, name, interpret):
     """One CTA per (chunk, batch row, head); ``src(ref, n, b, h)`` / ``dst(ref, n, b, h)`` give the
-    ``[C, K]`` slabs of the input and output; ``bounds`` adds the bounded rows ``[N, B, H, C]``."""
+    ``[C, K]`` slabs of the input and output."""
     if C % 64 or K % BLOCK_K:
         raise ValueError(f"chunk cumsum needs C a multiple of 64 and K of {BLOCK_K}; got C={C} K={K}")
 
-    def body(x_ref, y_ref, *rest):
-        ok_ref, buf = rest if bounds else (None, *rest)
+    def body(x_ref, y_ref, buf):
         n, b, h = lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h")
         zero = plgpu.layout_cast(jnp.zeros((C, BLOCK_K), _F32), _WG)
         for r0 in (0, C):  # the zero blocks on either side (the tile's rows are rewritten each step)
@@ -83,21 +63,11 @@ def _launch(src, dst, N, B, H, C, K, out_shape, reverse, name, interpret, bounds
         # rather than one per round of the scan's barriers
         cols = [pl.ds(cb * BLOCK_K, BLOCK_K) for cb in range(K // BLOCK_K)]
         xs = [plgpu.load(src(x_ref, n, b, h).at[:, c], layout=_WG, optimized=False) for c in cols]
-        span = None
         for c, x in zip(cols, xs):
-            y = _scan(x, buf, C, reverse)
-            dst(y_ref, n, b, h).at[:, c][...] = y
-            if bounds:
-                got = _span(y, buf, C)
-                span = got if span is None else jnp.maximum(span, got)
-        if bounds:
-            ok_ref.at[n, b, h][...] = jnp.where(span <= blocks.SAFE_SPAN, 1.0, 0.0).astype(_F32)
+            dst(y_ref, n, b, h).at[:, c][...] = _scan(x, buf, C, reverse)
 
-    out = jax.ShapeDtypeStruct(out_shape, _F32)
-    if bounds:
-        out = (out, jax.ShapeDtypeStruct((N, B, H, C), _F32))
     kern = _kernel(body, name=name, interpret=interpret, grid=(N, B, H), grid_names=("n", "b", "h"),
-                   out_type=out, scratch_types=[_padded(2 * C, _F32)])
+                   out_type=jax.ShapeDtypeStruct(out_shape, _F32), scratch_types=[_padded(2 * C, _F32)])
     return kern
 
 
@@ -105,11 +75,10 @@ def _time_major(ref, n, b, h, C):
     return ref.at[b, pl.ds(n * C, C), h]
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "interpret", "bounds"))
-def chunk_cumsum(a, *, chunk_size, interpret=False, bounds=False):
+@functools.partial(jax.jit, static_argnames=("chunk_size", "interpret"))
+def chunk_cumsum(a, *, chunk_size, interpret=False):
     """G ``[N, B, H, C, K]`` float32, the inclusive cumsum inside each chunk of C = ``chunk_size``
-    rows, from float32 ``a [B, T, H, K]`` (T a multiple of C); with ``bounds``, ``(G, bounded rows
-    [N, B, H, C] float32 1/0)`` (module docstring)."""
+    rows, from float32 ``a [B, T, H, K]`` (T a multiple of C)."""
     B, T, H, K = a.shape
     C = chunk_size
     if T % C:
@@ -117,7 +86,7 @@ def chunk_cumsum(a, *, chunk_size, interpret=False, bounds=False):
     _check("a", a, (B, T, H, K), _F32)
     N = T // C
     kern = _launch(lambda r, n, b, h: _time_major(r, n, b, h, C), lambda r, n, b, h: r.at[n, b, h],
-                   N, B, H, C, K, (N, B, H, C, K), False, "kda_chunk_cumsum", interpret, bounds)
+                   N, B, H, C, K, (N, B, H, C, K), False, "kda_chunk_cumsum", interpret)
     return kern(a)
 
 
@@ -134,17 +103,16 @@ def chunk_cumsum_adjoint(dG, *, interpret=False):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
 def gate_cumsum(a, chunk_size, interpret=False):
-    """``chunk_cumsum`` with its bounded rows, ``(G, rows)``; ``chunk_cumsum_adjoint`` is the VJP of
-    G (the rows are not differentiable)."""
-    return chunk_cumsum(a, chunk_size=chunk_size, interpret=interpret, bounds=True)
+    """``chunk_cumsum`` with ``chunk_cumsum_adjoint`` as its VJP."""
+    return chunk_cumsum(a, chunk_size=chunk_size, interpret=interpret)
 
 
 def _gate_cumsum_fwd(a, chunk_size, interpret):
     return gate_cumsum(a, chunk_size, interpret), None
 
 
-def _gate_cumsum_bwd(chunk_size, interpret, _, cts):
-    return (chunk_cumsum_adjoint(cts[0].astype(_F32), interpret=interpret),)
+def _gate_cumsum_bwd(chunk_size, interpret, _, dG):
+    return (chunk_cumsum_adjoint(dG.astype(_F32), interpret=interpret),)
 
 
 gate_cumsum.defvjp(_gate_cumsum_fwd, _gate_cumsum_bwd)

@@ -147,8 +147,7 @@ class MosaicPasses:
     def gate_cumsum(self, a, chunk_size):
         if not self.cumsum_kernel or a.dtype != jnp.dtype(_F32):
             return ScanPasses.gate_cumsum(self, a, chunk_size)
-        G, rows = cumsum.gate_cumsum(a, chunk_size, self.interpret)
-        return G, rows  # the bounded rows (``blocks.bounded_rows``) come with G
+        return cumsum.gate_cumsum(a, chunk_size, self.interpret)
 
     def gated_blocks(self, gating, q, k, qf, kf, beta, zones, scale):
         if not (self.intra_kernel and self.blocks_kernel):
@@ -156,8 +155,7 @@ class MosaicPasses:
         G = gating.G
         zone = (jnp.zeros((*G.shape[:2], G.shape[-2]), _F32) if zones.zone is None
                 else zones.zone[:, :, 0, :].astype(_F32))
-        Aqk, L = blocks.gated_blocks(q.astype(k.dtype), k, G.astype(_F32), beta.astype(_F32), zone, gating.bounds,
-                                     scale=scale,
+        Aqk, L = blocks.gated_blocks(q.astype(k.dtype), k, G.astype(_F32), beta.astype(_F32), zone, scale=scale,
                                      interpret=self.interpret, factored=self.factored_diagonal)
         return Aqk.astype(G.dtype), L.astype(G.dtype)
 
@@ -187,7 +185,7 @@ class MosaicPasses:
         G = gating.G.astype(_F32)
         args = (q.astype(k.dtype), k, G)
         if self.factored_adjoint:  # the bounded rows on the tensor cores, the bands the others
-            safe_rows, safe_chunk = blocks.bounded_rows(G, gating.bounds)
+            safe_rows, safe_chunk = blocks.bounded_rows(G)
             bounded = safe_rows.reshape(*safe_rows.shape[:-1], nc, _SUB)[..., None] > 0  # row i
             dMd = jnp.where(bounded, 0.0, dMd)
         cols = jnp.stack([dMd[0] * b, dMd[1]])  # β_i folded into the L rows

@@ -144,9 +144,8 @@ class _Gating:
     a single fused reduction.
     """
 
-    def __init__(self, G: jax.Array, bounds=None):
+    def __init__(self, G: jax.Array):
         self.G = G
-        self.bounds = bounds  # what ``passes.gate_cumsum`` gave beside G (None for ``ScanPasses``)
         C, K = G.shape[-2:]
         self.C, self.nc = C, C // SUB
         self.Gb = G.reshape(*G.shape[:-2], self.nc, SUB, K)
@@ -281,10 +280,9 @@ class ScanPasses:
     same interface. Chunk-major arrays ``[N, B, HV, C, D]``."""
 
     def gate_cumsum(self, a, chunk_size):
-        """``(G, bounds)``: G ``[N, B, HV, C, K]``, the inclusive in-chunk cumsum of the log decay
-        ``a [B, T, HV, K]`` (T a multiple of ``chunk_size``), in a's dtype, differentiable; ``bounds``
-        anything (not differentiated) the other passes read as ``gating.bounds`` — None here."""
-        return _chunk_cumsum(_to_chunks(a, chunk_size)), None
+        """G ``[N, B, HV, C, K]``, the inclusive in-chunk cumsum of the log decay ``a [B, T, HV, K]``
+        (T a multiple of ``chunk_size``), in a's dtype; differentiable."""
+        return _chunk_cumsum(_to_chunks(a, chunk_size))
 
     def gated_blocks(self, gating: _Gating, q, k, qf, kf, beta, zones: _Zones, scale):
         """Aqk = s·tril(P) and L = β·strict_tril(R) of the q·k and k·k gated products, with pairs
@@ -389,31 +387,31 @@ def _prepare(q, k, v, G, beta, zone):
 # custom VJP core on chunk-major inputs [N, B, HV, C, D]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(8, 9))
-def _core(q, k, v, G, beta, h0, zone, bounds, scale, passes):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _core(q, k, v, G, beta, h0, zone, scale, passes):
     # not differentiated (inference, evaluation): the passes may form o in a form that keeps none
     # of the chunk states the backward would recompute
-    return _forward(q, k, v, G, beta, h0, zone, bounds, scale, passes, passes.forward_output_primal)[0]
+    return _forward(q, k, v, G, beta, h0, zone, scale, passes, passes.forward_output_primal)[0]
 
 
-def _core_fwd(q, k, v, G, beta, h0, zone, bounds, scale, passes):
-    return _forward(q, k, v, G, beta, h0, zone, bounds, scale, passes, passes.forward_output)
+def _core_fwd(q, k, v, G, beta, h0, zone, scale, passes):
+    return _forward(q, k, v, G, beta, h0, zone, scale, passes, passes.forward_output)
 
 
-def _forward(q, k, v, G, beta, h0, zone, bounds, scale, passes, forward_output):
+def _forward(q, k, v, G, beta, h0, zone, scale, passes, forward_output):
     qf, kf, vf, bf, G, zones = _prepare(q, k, v, G, beta, zone)
-    Aqk, T = _intra(q, k, qf, kf, bf, _Gating(G, bounds), zones, scale, passes)
+    Aqk, T = _intra(q, k, qf, kf, bf, _Gating(G), zones, scale, passes)
     W, U, Kd, gend, Qs = passes.forward_factors(q, k, v, qf, kf, vf, bf, G, T, zones, scale)
     o, S_T = forward_output(W, U, Kd, gend, h0.astype(qf.dtype), Qs, Aqk, v.dtype)
-    return (o.astype(v.dtype), S_T.astype(h0.dtype)), (q, k, v, G, beta, h0, zone, bounds, Aqk, T)
+    return (o.astype(v.dtype), S_T.astype(h0.dtype)), (q, k, v, G, beta, h0, zone, Aqk, T)
 
 
 def _core_bwd(scale, passes, res, cts):
-    q, k, v, G, beta, h0, zone, bounds, Aqk, T = res
+    q, k, v, G, beta, h0, zone, Aqk, T = res
     dO, dS_T = cts
     qf, kf, vf, bf, G, zones = _prepare(q, k, v, G, beta, zone)
     acc = qf.dtype
-    gating = _Gating(G, bounds)
+    gating = _Gating(G)
     # the forward's own state-pass operands, so that h and Vn are the states its o came from
     W, U, Kd, gend, Qs = passes.forward_factors(q, k, v, qf, kf, vf, bf, G, T, zones, scale)
     h, Vn, _ = passes.forward(W, U, Kd, gend, h0.astype(acc))
@@ -463,7 +461,7 @@ def _core_bwd(scale, passes, res, cts):
     dG = dG.at[..., -1, :].add(dG_last)
     grads = passes.gradients(dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dG.astype(G.dtype),
                              dbeta.astype(beta.dtype))
-    return (*grads, dh0.astype(h0.dtype), None, None)
+    return (*grads, dh0.astype(h0.dtype), None)
 
 
 _core.defvjp(_core_fwd, _core_bwd)
@@ -483,7 +481,7 @@ def kda_chunked(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chu
     K = q.shape[-1]
     C = chunk_size
     q, k = expand_heads(q, HV), expand_heads(k, HV)
-    G, bounds = passes.gate_cumsum(pad_time(g, C).astype(_accumulator(q, k, v)), C)
+    G = passes.gate_cumsum(pad_time(g, C).astype(_accumulator(q, k, v)), C)
     q, k, v = (_to_chunks(pad_time(x, C), C) for x in (q, k, v))
     beta = _to_chunks(pad_time(beta, C)[..., None], C)[..., 0]
     zone = None
@@ -491,5 +489,5 @@ def kda_chunked(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chu
         r = pad_time(resets, C).reshape(B, -1, C)
         zone = jnp.cumsum(r.astype(jnp.int32), axis=-1).transpose(1, 0, 2)[:, :, None, :]
     h0 = jnp.zeros((B, HV, K, V), jnp.float32) if initial_state is None else initial_state
-    o, S_T = _core(q, k, v, G, beta, h0, zone, bounds, float(scale), passes)
+    o, S_T = _core(q, k, v, G, beta, h0, zone, float(scale), passes)
     return _from_chunks(o)[:, :T], S_T
