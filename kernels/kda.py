@@ -62,7 +62,9 @@ FACTORS_KERNEL = False
 # −1000 gates and with bounded ones, packed documents in float32) passed on an H200 at commit d03fd7a;
 # mid forward+backward 5.28 → 5.19 ms back to back (benchmarks/NOTES.md v11). Since cf13249 the kernel
 # forms its block-diagonal operands from dL and dP itself (NOTES v13); test_adjoint_kernel.py ``-m gpu``
-# (8) and the op tests of test_mosaic.py (18, with ``test_gpu_factored_adjoint_bounded_gates``) passed there.
+# (8) and the op tests of test_mosaic.py (18, with ``test_gpu_factored_adjoint_bounded_gates``) passed there;
+# with its first loads reordered (b29ce08, NOTES v14: 0.378 → 0.314 ms at mid) test_adjoint_kernel.py
+# ``-m gpu`` (8) and 8 of ``test_gpu_matches_float64_recurrence`` passed.
 FACTORED_ADJOINT = True
 # G, the gate's in-chunk cumsum, from the caller's layout in one pass (``cumsum.gate_cumsum``; its VJP
 # the reverse sum back into that layout) instead of XLA's transpose, triangular GEMM and transpose.
