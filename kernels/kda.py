@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kda_jax.kernels import adjoint, blocks, cumsum, intra, state_pass, wy
-from kda_jax.ops.chunked import ScanPasses, _block_diag, _diag_blocks, kda_chunked
+from kda_jax.ops.chunked import ScanPasses, _diag_blocks, kda_chunked
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 # ``output_pass`` (the forward state pass that also forms o, h and Vn never reach HBM) for calls that
