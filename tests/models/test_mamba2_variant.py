@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from kda_jax.models import VARIANTS, HybridDecoder, ModelConfig, get_config, variant
+from tests.models.helpers import two_layer_config
 from tests.ops.helpers import rel_rmse
 
 
@@ -33,7 +34,7 @@ def test_rule_is_validated_and_reaches_every_kda_layer():
 
 
 def test_prefill_then_decode_equals_one_forward():
-    m = HybridDecoder(get_config("tiny_mamba2_hybrid", dtype="float32"), rngs=nnx.Rngs(3))
+    m = HybridDecoder(variant(two_layer_config(dtype="float32"), "mamba2_hybrid"), rngs=nnx.Rngs(3))
     T, steps = 19, (1, 2)
     toks = jnp.asarray(np.random.default_rng(1).integers(0, m.config.vocab_size, (2, T + sum(steps))), jnp.int32)
     full = nnx.jit(lambda m, t: m(t).logits)(m, toks)
