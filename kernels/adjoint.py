@@ -16,10 +16,11 @@ with both factors inside e^{±60} for σ = SAFE_SPAN / 2 (j ≤ i is bounded too
 with BD the block-diagonal matrices of the bounded rows' entries: four 64 × 64 × 32 wgmmas per
 32-channel block (bf16 operands, float32 accumulation). The kernel forms BD(dL), BD(dP) and BD(β dL)
 itself from the whole dL and dP (masked in registers, rounded to bf16 into shared memory; the column
-products read the last two transposed there), so no block-diagonal copy passes through HBM. The other rows' entries (Kimi Linear's
-unbounded gate) come in as bands (``intra.band_adjoint``'s inputs, zero on bounded rows) and are
-summed exactly by ``intra.adjoint_sums``; a chunk whose rows are all bounded skips that part. The
-anchor is the sub-chunk's first row and σ a constant, so nothing depends on a later token.
+products read the last two transposed there), so no block-diagonal copy passes through HBM. The
+other rows' entries (Kimi Linear's unbounded gate) come in as bands (``intra.band_adjoint``'s
+inputs, zero on bounded rows) and are summed exactly by ``intra.adjoint_sums``; a chunk whose rows
+are all bounded skips that part. The anchor is the sub-chunk's first row and σ a constant, so
+nothing depends on a later token.
 """
 
 from __future__ import annotations
@@ -77,7 +78,8 @@ def diagonal_adjoint(q, k, G, rows, cols, dL, dP, beta, safe_rows, bounded, *, i
         j = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=_WG)
         row_vec = lambda ref: lax.broadcast_in_dim(plgpu.load(ref.at[idx], layout=_ROW, optimized=False), (C, C), [0])
         keep = (i // intra.SUB == j // intra.SUB) & (j <= i) & (row_vec(sr_ref) > 0.0)
-        dl, dp = (jnp.where(keep, plgpu.load(ref.at[idx], layout=_WG, optimized=False), 0.0) for ref in (dl_ref, dp_ref))
+        dl, dp = (jnp.where(keep, plgpu.load(ref.at[idx], layout=_WG, optimized=False), 0.0)
+                  for ref in (dl_ref, dp_ref))
         bd_s.at[0][...] = dl.astype(_BF16)
         bd_s.at[1][...] = dp.astype(_BF16)
         bd_s.at[2][...] = (row_vec(b_ref) * dl).astype(_BF16)
