@@ -69,7 +69,7 @@ def diagonal_adjoint(q, k, G, rows, cols, dL, dP, beta, safe_rows, bounded, *, i
         rw = blocks._Rows(C, w)
 
         def tiles(cb):  # the column block's G, q, k from global memory, float32
-            load = lambda ref: plgpu.load(ref.at[idx].at[:, pl.ds(cb * w, w)], layout=_WG, optimized=False)
+            load = lambda ref: plgpu.load(intra.chunk(ref, idx, C).at[:, pl.ds(cb * w, w)], layout=_WG, optimized=False)
             return tuple(load(ref).astype(_F32) for ref in (g_ref, q_ref, k_ref))
 
         first = tiles(0)  # in flight with dL and dP below (loads are not moved across the barrier wait)

@@ -34,7 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from kda_jax.kernels.state_pass import _F32, _ROW, _WG, check_operand
+from kda_jax.kernels.state_pass import _F32, _ROW, _WG, check_operand, chunk
 from kda_jax.kernels.state_pass import _kernel as _plain_kernel
 
 SUB = 16
@@ -55,9 +55,14 @@ _check = functools.partial(check_operand, "intra kernel")
 
 
 def _operands(q, k, G):
-    N, B, H, C, K = k.shape
-    for name, x, dts in (("q", q, (k.dtype,)), ("k", k, (jnp.bfloat16, jnp.float32)), ("G", G, (_F32,))):
-        _check(name, x, (N, B, H, C, K), dts)
+    """``(N, B, H, C, K)`` of chunk-major float32 ``G [N, B, H, C, K]`` and q, k in one layout (``chunk``)."""
+    if G.ndim != 5:
+        raise ValueError(f"intra kernel: G must be chunk-major [N, B, H, C, K], got shape {tuple(G.shape)}")
+    N, B, H, C, K = G.shape
+    qk = (N, B, H, C, K) if k.ndim == 5 else (B, N * C, H, K)
+    for name, x, shape, dts in (("q", q, qk, (k.dtype,)), ("k", k, qk, (jnp.bfloat16, jnp.float32)),
+                                ("G", G, (N, B, H, C, K), (_F32,))):
+        _check(name, x, shape, dts)
     if C % 64 or K % BLOCK_K:
         raise ValueError(f"intra kernel needs C a multiple of 64 and K of {BLOCK_K}; got C={C} K={K}")
     return N, B, H, C, K
@@ -97,7 +102,7 @@ class _Tiles:
         cols = pl.ds(cb * BLOCK_K, BLOCK_K)
         if cb:
             plgpu.commit_smem()  # every thread is done with the previous block's rows
-        tiles = {name: plgpu.load(ref.at[self.idx].at[:, cols], layout=_WG, optimized=False)
+        tiles = {name: plgpu.load(chunk(ref, self.idx, self.C).at[:, cols], layout=_WG, optimized=False)
                  for name, ref in self.refs.items()}
         self._fill({name: tiles["G" if name == "a" else name] for name in self.smem})
         a = _decay(tiles["G"], self.shifted("a", 1, -1))  # G_{i−1} from the buffer that a then replaces

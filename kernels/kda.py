@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from kda_jax.kernels import adjoint, blocks, cumsum, intra, state_pass, wy
-from kda_jax.ops.chunked import ScanPasses, _diag_blocks, kda_chunked
+from kda_jax.ops.chunked import ScanPasses, _diag_blocks, _from_chunks, _to_chunks, kda_chunked
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 # ``output_pass`` (the forward state pass that also forms o, h and Vn never reach HBM) for calls that
@@ -91,6 +91,11 @@ BF16_OPERANDS = True
 # follow apart (~0.12 ms): mid forward+backward 4.78 → 4.60 ms of kernels (profiles at e275188, NOTES
 # v12); on with the GPU tests above at 0c9d925.
 GRADIENT_BARRIER = True
+# q and k reach ``gated_blocks`` and ``diagonal_adjoint`` in the caller's time-major layout, and
+# ``output_pass`` writes o in it: the passes hand them ``_from_chunks`` of the chunk-major tensors
+# (``_to_chunks`` of o), which XLA folds into the caller's own arrays, so the q/k transposes before
+# the kernels and o's after ``output_pass`` are not materialized (NOTES v15).
+TIME_MAJOR = True
 
 _SUB = intra.SUB
 _R, _C = np.arange(_SUB)[:, None], np.arange(_SUB)[None, :]
@@ -142,9 +147,15 @@ class MosaicPasses:
         self.cumsum_kernel = CUMSUM_KERNEL if cumsum_kernel is None else bool(cumsum_kernel)
         self.bf16_operands = BF16_OPERANDS if bf16_operands is None else bool(bf16_operands)
         self.gradient_barrier = GRADIENT_BARRIER
+        self.time_major = TIME_MAJOR
 
     def operand(self, x):
         return x.astype(_BF16) if self.bf16_operands else x
+
+    def _qk(self, q, k):
+        """q (in k's dtype) and k as the kernels read them (``TIME_MAJOR``)."""
+        q = q.astype(k.dtype)
+        return (_from_chunks(q), _from_chunks(k)) if self.time_major else (q, k)
 
     def gate_cumsum(self, a, chunk_size):
         if not self.cumsum_kernel or a.dtype != jnp.dtype(_F32):
@@ -157,7 +168,7 @@ class MosaicPasses:
         G = gating.G
         zone = (jnp.zeros((*G.shape[:2], G.shape[-2]), _F32) if zones.zone is None
                 else zones.zone[:, :, 0, :].astype(_F32))
-        Aqk, L = blocks.gated_blocks(q.astype(k.dtype), k, G.astype(_F32), beta.astype(_F32), zone, scale=scale,
+        Aqk, L = blocks.gated_blocks(*self._qk(q, k), G.astype(_F32), beta.astype(_F32), zone, scale=scale,
                                      interpret=self.interpret, factored=self.factored_diagonal)
         return Aqk.astype(G.dtype), L.astype(G.dtype)
 
@@ -175,7 +186,7 @@ class MosaicPasses:
     def intra_diag(self, gating, q, k):
         if not self.intra_kernel:
             return ScanPasses.intra_diag(self, gating, q, k)
-        band = intra.band_lower(q.astype(k.dtype), k, gating.G.astype(_F32), interpret=self.interpret)
+        band = intra.band_lower(*self._qk(q, k), gating.G.astype(_F32), interpret=self.interpret)
         return bands_to_blocks(band).astype(gating.G.dtype)
 
     def intra_diag_adjoint(self, gating, q, k, beta, dMs):
@@ -185,7 +196,7 @@ class MosaicPasses:
         nc = dMd.shape[-3]
         b = beta.astype(_F32).reshape(*beta.shape[:-1], nc, _SUB)[..., None]
         G = gating.G.astype(_F32)
-        args = (q.astype(k.dtype), k, G)
+        args = (*self._qk(q, k), G)
         if self.factored_adjoint:  # the bounded rows on the tensor cores, the bands the others
             safe_rows, safe_chunk = blocks.bounded_rows(G)
             bounded = safe_rows.reshape(*safe_rows.shape[:-1], nc, _SUB)[..., None] > 0  # row i
@@ -214,9 +225,10 @@ class MosaicPasses:
         if not self.fused_output or not (self.interpret or (W.shape[-1], U.shape[-1]) in FUSED_OUTPUT_KV):
             return self.forward_output(W, U, Kd, gend, h0, Qs, Aqk, out_dtype)
         out = jnp.bfloat16 if jnp.dtype(out_dtype) == jnp.dtype(_BF16) else _F32
-        return state_pass.output_pass(W.astype(_BF16), U.astype(_BF16), Kd.astype(_BF16), gend.astype(_F32),
-                                      h0.astype(_F32), Qs.astype(_BF16), Aqk.astype(_BF16), out_dtype=out,
-                                      interpret=self.interpret)
+        o, S_T = state_pass.output_pass(W.astype(_BF16), U.astype(_BF16), Kd.astype(_BF16), gend.astype(_F32),
+                                        h0.astype(_F32), Qs.astype(_BF16), Aqk.astype(_BF16), out_dtype=out,
+                                        interpret=self.interpret, time_major=self.time_major)
+        return (_to_chunks(o, W.shape[-2]) if self.time_major else o), S_T
 
     def reverse(self, dO, Aqk, Qs, Kd, W, gend, dS_T):
         dSn, dVn, dh0 = state_pass.reverse_pass(dO.astype(_BF16), Aqk.astype(_BF16), Qs.astype(_BF16),
@@ -233,7 +245,7 @@ class MosaicPasses:
     def _key(self):
         return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel,
                 self.factored_diagonal, self.factored_adjoint, self.cumsum_kernel, self.bf16_operands,
-                self.gradient_barrier)
+                self.gradient_barrier, self.time_major)
 
     def __hash__(self):
         return hash((type(self), self._key()))

@@ -82,6 +82,13 @@ def _mm(shape, *pairs):
     return pl.run_scoped(scoped, plgpu.ACC(shape, _F32))
 
 
+def chunk(ref, idx, C):
+    """The ``[C, D]`` slab of chunk n, batch row b, head h (``idx``) of a chunk-major ``[N, B, H, C, D]``
+    ref, or of a time-major ``[B, N·C, H, D]`` one (the caller's layout: no transpose before the kernel)."""
+    n, b, h = idx
+    return ref.at[n, b, h] if len(ref.shape) == 5 else ref.at[b, pl.ds(n * C, C), h]
+
+
 def check_operand(kernel, name, x, shape, dtypes):
     """ValueError naming ``kernel`` and operand ``name`` unless x has ``shape`` and one of ``dtypes``."""
     dtypes = [jnp.dtype(d) for d in (dtypes if isinstance(dtypes, (tuple, list)) else (dtypes,))]
@@ -101,15 +108,17 @@ def forward_pass(W, U, Kd, gend, h0, *, interpret=False, bv=None):
     return _forward(W, U, Kd, gend, h0, None, None, out_dtype=None, interpret=interpret, bv=bv)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "bv"))
-def output_pass(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype=jnp.float32, interpret=False, bv=None):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "interpret", "bv", "time_major"))
+def output_pass(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype=jnp.float32, interpret=False, bv=None, time_major=False):
     """``(o [N,B,H,C,V] out_dtype, S_T [B,H,K,V] f32)``: the forward pass that also forms each
     chunk's output ``o = Qs·h + Aqk·Vn`` on the tensor cores, so h and Vn never reach HBM.
-    ``Qs [N,B,H,C,K]`` (= s·Q⊙Γ) and ``Aqk [N,B,H,C,C]`` bf16; the rest as ``forward_pass``."""
-    return _forward(W, U, Kd, gend, h0, Qs, Aqk, out_dtype=jnp.dtype(out_dtype), interpret=interpret, bv=bv)
+    ``Qs [N,B,H,C,K]`` (= s·Q⊙Γ) and ``Aqk [N,B,H,C,C]`` bf16; the rest as ``forward_pass``;
+    ``time_major``: o in the caller's layout ``[B, N·C, H, V]`` instead."""
+    return _forward(W, U, Kd, gend, h0, Qs, Aqk, out_dtype=jnp.dtype(out_dtype), interpret=interpret, bv=bv,
+                    time_major=time_major)
 
 
-def _forward(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype, interpret, bv):
+def _forward(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype, interpret, bv, time_major=False):
     N, B, H, C, K = W.shape
     V = U.shape[-1]
     emit_o = Qs is not None
@@ -161,7 +170,7 @@ def _forward(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype, interpret, bv):
             plgpu.commit_smem()
             if emit_o:
                 o = _mm((C, bv), (q_s.at[slot], s_s), (a_s.at[slot], vn_s))
-                o_ref.at[n, b, h, :, cols][...] = o.astype(out_dtype)
+                chunk(o_ref, (n, b, h), C).at[:, cols][...] = o.astype(out_dtype)
             else:
                 plgpu.copy_smem_to_gmem(vn_s, vn_ref.at[n, b, h, :, cols], commit_group=False)
                 plgpu.commit_smem_to_gmem_group()
@@ -182,7 +191,8 @@ def _forward(W, U, Kd, gend, h0, Qs, Aqk, *, out_dtype, interpret, bv):
     ]
     if emit_o:
         scratch += [_tiled((2, C, K), minor=bv), _tiled((2, C, C), minor=bv)]  # Qs, Aqk
-        out = (jax.ShapeDtypeStruct((N, B, H, C, V), out_dtype), jax.ShapeDtypeStruct((B, H, K, V), _F32))
+        o_shape = (B, N * C, H, V) if time_major else (N, B, H, C, V)
+        out = (jax.ShapeDtypeStruct(o_shape, out_dtype), jax.ShapeDtypeStruct((B, H, K, V), _F32))
         args = (W, U, Kd, gend, h0, Qs, Aqk)
     else:
         out = (jax.ShapeDtypeStruct((N, B, H, K, V), _BF16), jax.ShapeDtypeStruct((N, B, H, C, V), _BF16),

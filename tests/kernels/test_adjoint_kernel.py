@@ -54,6 +54,24 @@ def test_interpret_matches_float64(dtype, bounded_only):
     _check((2, 1, 2, 64, 64), dtype, interpret=True, seed=8, bounded_only=bounded_only)
 
 
+def test_time_major_operands_equal_chunk_major():
+    """q, k in the caller's layout ``[B, N·C, H, K]`` (``TIME_MAJOR``) give the same bits as chunk-major
+    ones, in ``diagonal_adjoint`` and ``intra.band_adjoint``."""
+    from kda_jax.kernels import intra
+    from kda_jax.ops.chunked import _from_chunks
+
+    N, B, H, C, K = 2, 2, 2, 64, 64
+    q, k, G, rng = _inputs(N, B, H, C, K, jnp.bfloat16, 12)
+    bands = [jnp.asarray(rng.standard_normal((N, B, H, 2, SUB, C)), jnp.float32) for _ in range(2)]
+    dL, dP = (jnp.asarray(np.tril(rng.standard_normal((N, B, H, C, C))), jnp.float32) for _ in range(2))
+    beta = jnp.asarray(rng.uniform(0.05, 1.0, (N, B, H, C)), jnp.float32)
+    rows, ok = blocks.bounded_rows(G)
+    for fn in (lambda q, k: adjoint.diagonal_adjoint(q, k, G, *bands, dL, dP, beta, rows, ok, interpret=True),
+               lambda q, k: intra.band_adjoint(q, k, G, *bands, interpret=True)):
+        for a, b in zip(fn(q, k), fn(_from_chunks(q), _from_chunks(k))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_rejects_wrong_operands():
     q = jnp.zeros((1, 1, 1, 64, 64), jnp.bfloat16)
     G = q.astype(jnp.float32)

@@ -87,6 +87,21 @@ def test_interpret_matches_float64(dtype, buffers, block_d):
     _check((3, 1, 2, 64, 128), dtype, interpret=True, seed=3, buffers=buffers, block_d=block_d)
 
 
+def test_time_major_operands_equal_chunk_major():
+    """q, k in the caller's layout ``[B, N·C, H, K]`` (``TIME_MAJOR``) give the same bits as chunk-major ones."""
+    from kda_jax.kernels import intra
+    from kda_jax.ops.chunked import _from_chunks
+
+    N, B, H, C, K = 2, 2, 2, 64, 64
+    q, k, G, rng = _inputs(N, B, H, C, K, jnp.bfloat16, 11)
+    beta = jnp.asarray(rng.uniform(0.05, 1.0, (N, B, H, C)), jnp.float32)
+    zone = jnp.asarray(_zones(N, B, C, rng))
+    for fn in (lambda q, k: blocks.gated_blocks(q, k, G, beta, zone, scale=0.125, interpret=True, factored=True),
+               lambda q, k: (intra.band_lower(q, k, G, interpret=True),)):
+        for a, b in zip(fn(q, k), fn(_from_chunks(q), _from_chunks(k))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 @pytest.mark.parametrize("bounded_only", [False, True], ids=["mixed-rows", "bounded-chunks"])
 def test_interpret_factored_diagonal(bounded_only):
     _check((3, 1, 2, 64, 128), jnp.bfloat16, interpret=True, seed=4, factored=True, bounded_only=bounded_only)

@@ -66,6 +66,10 @@ def check_state_passes(bv, interpret, N, K):
         o, S_T = state_pass.output_pass(W, U, Kd, gend, h0, Qs, Aqk, out_dtype=out_dtype, interpret=interpret, bv=bv)
         assert o.dtype == out_dtype
         assert rel_rmse(o, o_ref) < 1e-2 and rel_rmse(S_T, S_ref) < 1e-2, out_dtype
+        # o written in the caller's layout [B, N·C, H, V] (``TIME_MAJOR``): the same bits
+        o_tm, _ = state_pass.output_pass(W, U, Kd, gend, h0, Qs, Aqk, out_dtype=out_dtype, interpret=interpret, bv=bv,
+                                         time_major=True)
+        np.testing.assert_array_equal(np.asarray(o_tm), np.asarray(chunked._from_chunks(o)))
     dh0, dSn, dVn = chunked.SCAN.reverse(*f32(dO, Aqk, Qs, Kd, W), gend, dS_T)
     got = state_pass.reverse_pass(dO, Aqk, Qs, Kd, W, gend, dS_T, interpret=interpret, bv=bv)
     for name, a, b in zip(("dSn", "dVn", "dh0"), got, (dSn, dVn, dh0)):
@@ -147,8 +151,12 @@ def test_fused_output_compiled_only_at_gpu_tested_head_sizes(monkeypatch):
     from kda_jax.kernels.kda import FUSED_OUTPUT_KV, MosaicPasses
 
     calls = []
-    monkeypatch.setattr(state_pass, "output_pass", lambda W, U, *a, **kw: calls.append("output_pass") or
-                        (jnp.zeros((*U.shape[:-2], W.shape[-2], U.shape[-1])), jnp.zeros(a[2].shape)))
+    def output_pass(W, U, *a, time_major=False, **kw):  # o in the layout asked for
+        calls.append("output_pass")
+        N, B, H, C, V = U.shape
+        return jnp.zeros((B, N * C, H, V) if time_major else (N, B, H, C, V)), jnp.zeros(a[2].shape)
+
+    monkeypatch.setattr(state_pass, "output_pass", output_pass)
     monkeypatch.setattr(state_pass, "forward_pass", lambda W, U, Kd, gend, h0, **kw: calls.append("forward_pass") or
                         (jnp.zeros((*W.shape[:-2], W.shape[-1], U.shape[-1])), U, h0))
     for K, V in [(64, 64), (128, 64), (128, 128)]:
