@@ -96,9 +96,6 @@ GRADIENT_BARRIER = True
 # (``_to_chunks`` of o), which XLA folds into the caller's own arrays, so the q/k transposes before
 # the kernels and o's after ``output_pass`` are not materialized (NOTES v15).
 TIME_MAJOR = True
-# With ``TIME_MAJOR``, the gradient fusion behind ``GRADIENT_BARRIER`` writes dq, dk, dv in the
-# caller's layout too (``MosaicPasses.gradients``; NOTES v15).
-TIME_MAJOR_GRADIENTS = True
 
 _SUB = intra.SUB
 _R, _C = np.arange(_SUB)[:, None], np.arange(_SUB)[None, :]
@@ -151,7 +148,6 @@ class MosaicPasses:
         self.bf16_operands = BF16_OPERANDS if bf16_operands is None else bool(bf16_operands)
         self.gradient_barrier = GRADIENT_BARRIER
         self.time_major = TIME_MAJOR
-        self.time_major_gradients = TIME_MAJOR and TIME_MAJOR_GRADIENTS
 
     def operand(self, x):
         return x.astype(_BF16) if self.bf16_operands else x
@@ -243,19 +239,13 @@ class MosaicPasses:
     def gradients(self, dq, dk, dv, dG, dbeta):
         if not self.gradient_barrier:
             return dq, dk, dv, dG, dbeta
-        # one fusion reads the chunk tensors they come from, not two (``GRADIENT_BARRIER``); with
-        # ``TIME_MAJOR`` it writes dq, dk, dv in the caller's layout (the VJP of the front door's
-        # ``_to_chunks`` folds into the ``_to_chunks`` here), not chunk-major tensors for three transposes
-        if not self.time_major_gradients:
-            return jax.lax.optimization_barrier((dq, dk, dv, dG, dbeta))
-        C = dq.shape[-2]
-        dq, dk, dv, dG, dbeta = jax.lax.optimization_barrier((*(_from_chunks(x) for x in (dq, dk, dv)), dG, dbeta))
-        return (*(_to_chunks(x, C) for x in (dq, dk, dv)), dG, dbeta)
+        # one fusion reads the chunk tensors they come from, not two (``GRADIENT_BARRIER``)
+        return jax.lax.optimization_barrier((dq, dk, dv, dG, dbeta))
 
     def _key(self):
         return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel,
                 self.factored_diagonal, self.factored_adjoint, self.cumsum_kernel, self.bf16_operands,
-                self.gradient_barrier, self.time_major, self.time_major_gradients)
+                self.gradient_barrier, self.time_major)
 
     def __hash__(self):
         return hash((type(self), self._key()))
