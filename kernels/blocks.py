@@ -118,8 +118,9 @@ def bounded_rows(G):
 
 @functools.partial(jax.jit, static_argnames=("scale", "interpret", "buffers", "block_d", "factored"))
 def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, block_d=None, factored=None):
-    """``(Aqk, L)``, each ``[N, B, H, C, C]`` float32 (module docstring), from chunk-major
-    ``q, k [N, B, H, C, K]`` (bf16 or float32, one dtype), float32 ``G [N, B, H, C, K]``,
+    """``(Aqk, L)``, each ``[N, B, H, C, C]`` float32 (module docstring), from ``q, k`` (bf16 or
+    float32, one dtype) chunk-major ``[N, B, H, C, K]`` or time-major ``[B, N·C, H, K]`` (both the
+    same layout), float32 chunk-major ``G [N, B, H, C, K]``,
     ``beta [N, B, H, C]`` and the zone of each row ``zone [N, B, C]`` (float32 document counts
     inside the chunk; zeros when there are no documents); ``buffers``: sets of operand tiles
     (default ``OPERAND_BUFFERS``); ``block_d``: channels per off-diagonal operand tile (default

@@ -140,7 +140,8 @@ def _row(vec, C):
 @functools.partial(jax.jit, static_argnames=("interpret",))
 def band_lower(q, k, G, *, interpret=False):
     """``[N, B, H, 2, SUB, C]`` float32 bands of the q·k and k·k gated products (module docstring)
-    from chunk-major ``q, k [N, B, H, C, K]`` (bf16 or float32, one dtype) and float32 G."""
+    from ``q, k`` (bf16 or float32, one dtype) chunk-major ``[N, B, H, C, K]`` or time-major
+    ``[B, N·C, H, K]`` (``chunk``) and float32 chunk-major G."""
     N, B, H, C, K = _operands(q, k, G)
 
     def body(q_ref, k_ref, g_ref, out_ref, k_s, g_s, o_s):

@@ -106,6 +106,12 @@ def test_rejects_wrong_operands():
         intra.band_lower(q, q, q, interpret=True)
     with pytest.raises(ValueError, match="C a multiple of 64"):
         intra.band_lower(q[..., :48, :], q[..., :48, :], q[..., :48, :].astype(jnp.float32), interpret=True)
+    # q, k in the caller's layout [B, N·C, H, K] go together, and with a chunk-major G
+    G, qt = q.astype(jnp.float32), jnp.zeros((1, 64, 1, 64), jnp.bfloat16)
+    with pytest.raises(ValueError, match=r"q must be bfloat16\[1, 64, 1, 64\], got bfloat16\[1, 1, 1, 64, 64\]"):
+        intra.band_lower(q, qt, G, interpret=True)
+    with pytest.raises(ValueError, match=r"G must be chunk-major \[N, B, H, C, K\]"):
+        intra.band_lower(qt, qt, qt.astype(jnp.float32), interpret=True)
 
 
 @pytest.mark.gpu
