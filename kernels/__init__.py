@@ -57,7 +57,9 @@ def _kda_mosaic(*args, **kwargs):
     return kda_mosaic(*args, **kwargs)
 
 
-registry.register("mosaic", _kda_mosaic, mosaic_supports, priority=10, auto=MOSAIC_AUTO, per_shard=True)
+# floors_gate: ``kda`` hands it g before the gate floor, which ``MosaicPasses.gate_cumsum`` applies
+registry.register("mosaic", _kda_mosaic, mosaic_supports, priority=10, auto=MOSAIC_AUTO, per_shard=True,
+                  floors_gate=True)
 
 # The decode kernel's GPU tests (tests/kernels/test_decode_kernel.py, ``-m gpu``) passed on an H100
 # at commit 69be20d (v1) and again for v2 (6839fc4), and it beats the XLA path there

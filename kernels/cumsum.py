@@ -16,6 +16,10 @@ tile adds itself shifted by s rows, read back from shared memory whose rows outs
 zero; so row i only ever meets rows of its own chunk on its own side (causal: nothing reaches G_i
 from a later token). float32 throughout; each sum rounds as a balanced tree (log₂ C additions per
 entry), where the sequential sum rounds C times.
+
+With ``floor`` the forward sums max(a, floor) and the adjoint multiplies by that max's derivative
+(reading a again): the front door's gate floor (``inputs.GATE_FLOOR``) inside the pass that reads
+the gate anyway, instead of an XLA pass of its own before the kernel (``kernels.kda.GATE_FLOOR_KERNEL``).
 """
 
 from __future__ import annotations
@@ -48,13 +52,16 @@ def _scan(x, buf, C, reverse):
     return x
 
 
-def _launch(src, dst, N, B, H, C, K, out_shape, reverse, name, interpret):
+def _launch(src, dst, N, B, H, C, K, out_shape, reverse, name, interpret, floor=None, gate=None):
     """One CTA per (chunk, batch row, head); ``src(ref, n, b, h)`` / ``dst(ref, n, b, h)`` give the
-    ``[C, K]`` slabs of the input and output."""
+    ``[C, K]`` slabs of the input and output. With ``floor`` the forward (``gate`` None) sums
+    max(a, floor); the adjoint (``gate(ref, n, b, h)``: the slab of a, a second input) scales its sums
+    by that max's derivative in a (1 above the floor, ½ on it, 0 below: ``jnp.maximum``'s)."""
     if C % 64 or K % BLOCK_K:
         raise ValueError(f"chunk cumsum needs C a multiple of 64 and K of {BLOCK_K}; got C={C} K={K}")
 
-    def body(x_ref, y_ref, buf):
+    def body(x_ref, *refs):
+        (a_ref, y_ref, buf) = refs if gate is not None else (None, *refs)
         n, b, h = lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h")
         zero = plgpu.layout_cast(jnp.zeros((C, BLOCK_K), _F32), _WG)
         for r0 in (0, C):  # the zero blocks on either side (the tile's rows are rewritten each step)
@@ -62,9 +69,16 @@ def _launch(src, dst, N, B, H, C, K, out_shape, reverse, name, interpret):
         # every column block's load first (K/BLOCK_K · 16 registers), so they are in flight together
         # rather than one per round of the scan's barriers
         cols = [pl.ds(cb * BLOCK_K, BLOCK_K) for cb in range(K // BLOCK_K)]
-        xs = [plgpu.load(src(x_ref, n, b, h).at[:, c], layout=_WG, optimized=False) for c in cols]
-        for c, x in zip(cols, xs):
-            dst(y_ref, n, b, h).at[:, c][...] = _scan(x, buf, C, reverse)
+        load = lambda ref, c, f: plgpu.load(f(ref, n, b, h).at[:, c], layout=_WG, optimized=False)
+        xs = [load(x_ref, c, src) for c in cols]
+        if floor is not None and gate is None:
+            xs = [jnp.maximum(x, floor) for x in xs]
+        gs = [load(a_ref, c, gate) for c in cols] if gate is not None else [None] * len(cols)
+        for c, x, a in zip(cols, xs, gs):
+            y = _scan(x, buf, C, reverse)
+            if a is not None:
+                y = jnp.where(a > floor, y, jnp.where(a == floor, 0.5 * y, 0.0))
+            dst(y_ref, n, b, h).at[:, c][...] = y
 
     kern = _kernel(body, name=name, interpret=interpret, grid=(N, B, H), grid_names=("n", "b", "h"),
                    out_type=jax.ShapeDtypeStruct(out_shape, _F32), scratch_types=[_padded(2 * C, _F32)])
@@ -75,10 +89,11 @@ def _time_major(ref, n, b, h, C):
     return ref.at[b, pl.ds(n * C, C), h]
 
 
-@functools.partial(jax.jit, static_argnames=("chunk_size", "interpret"))
-def chunk_cumsum(a, *, chunk_size, interpret=False):
+@functools.partial(jax.jit, static_argnames=("chunk_size", "floor", "interpret"))
+def chunk_cumsum(a, *, chunk_size, floor=None, interpret=False):
     """G ``[N, B, H, C, K]`` float32, the inclusive cumsum inside each chunk of C = ``chunk_size``
-    rows, from float32 ``a [B, T, H, K]`` (T a multiple of C)."""
+    rows, from float32 ``a [B, T, H, K]`` (T a multiple of C); with ``floor`` (a float), the cumsum
+    of max(a, floor) (the front door's gate floor, in the same pass)."""
     B, T, H, K = a.shape
     C = chunk_size
     if T % C:
@@ -86,33 +101,39 @@ def chunk_cumsum(a, *, chunk_size, interpret=False):
     _check("a", a, (B, T, H, K), _F32)
     N = T // C
     kern = _launch(lambda r, n, b, h: _time_major(r, n, b, h, C), lambda r, n, b, h: r.at[n, b, h],
-                   N, B, H, C, K, (N, B, H, C, K), False, "kda_chunk_cumsum", interpret)
+                   N, B, H, C, K, (N, B, H, C, K), False, "kda_chunk_cumsum", interpret, floor=floor)
     return kern(a)
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
-def chunk_cumsum_adjoint(dG, *, interpret=False):
+@functools.partial(jax.jit, static_argnames=("floor", "interpret"))
+def chunk_cumsum_adjoint(dG, a=None, *, floor=None, interpret=False):
     """da ``[B, T, H, K]`` float32 (T = N·C), the adjoint of ``chunk_cumsum``: the sum of dG over each
-    row and the rows after it in its chunk, from float32 ``dG [N, B, H, C, K]``."""
+    row and the rows after it in its chunk, from float32 ``dG [N, B, H, C, K]``; with ``floor``, times
+    the derivative of max(a, floor) at float32 ``a [B, T, H, K]`` (the forward's input)."""
     N, B, H, C, K = dG.shape
     _check("dG", dG, (N, B, H, C, K), _F32)
-    kern = _launch(lambda r, n, b, h: r.at[n, b, h], lambda r, n, b, h: _time_major(r, n, b, h, C),
-                   N, B, H, C, K, (B, N * C, H, K), True, "kda_chunk_cumsum_adjoint", interpret)
-    return kern(dG)
+    time_major = lambda r, n, b, h: _time_major(r, n, b, h, C)
+    if floor is not None:
+        if a is None:
+            raise ValueError("chunk cumsum adjoint: a floor needs the forward's input a")
+        _check("a", a, (B, N * C, H, K), _F32)
+    kern = _launch(lambda r, n, b, h: r.at[n, b, h], time_major, N, B, H, C, K, (B, N * C, H, K), True,
+                   "kda_chunk_cumsum_adjoint", interpret, floor=floor, gate=None if floor is None else time_major)
+    return kern(dG) if floor is None else kern(dG, a)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def gate_cumsum(a, chunk_size, interpret=False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def gate_cumsum(a, chunk_size, interpret=False, floor=None):
     """``chunk_cumsum`` with ``chunk_cumsum_adjoint`` as its VJP."""
-    return chunk_cumsum(a, chunk_size=chunk_size, interpret=interpret)
+    return chunk_cumsum(a, chunk_size=chunk_size, floor=floor, interpret=interpret)
 
 
-def _gate_cumsum_fwd(a, chunk_size, interpret):
-    return gate_cumsum(a, chunk_size, interpret), None
+def _gate_cumsum_fwd(a, chunk_size, interpret, floor):
+    return gate_cumsum(a, chunk_size, interpret, floor), (a if floor is not None else None)
 
 
-def _gate_cumsum_bwd(chunk_size, interpret, _, dG):
-    return (chunk_cumsum_adjoint(dG.astype(_F32), interpret=interpret),)
+def _gate_cumsum_bwd(chunk_size, interpret, floor, a, dG):
+    return (chunk_cumsum_adjoint(dG.astype(_F32), a, floor=floor, interpret=interpret),)
 
 
 gate_cumsum.defvjp(_gate_cumsum_fwd, _gate_cumsum_bwd)

@@ -26,6 +26,7 @@ import numpy as np
 
 from kda_jax.kernels import adjoint, blocks, cumsum, intra, state_pass, wy
 from kda_jax.ops.chunked import ScanPasses, _diag_blocks, _from_chunks, _to_chunks, kda_chunked
+from kda_jax.ops.inputs import GATE_FLOOR, apply_gate_floor
 
 _BF16, _F32 = jnp.bfloat16, jnp.float32
 # ``output_pass`` (the forward state pass that also forms o, h and Vn never reach HBM) for calls that
@@ -92,6 +93,12 @@ BF16_OPERANDS = True
 # follow apart (~0.12 ms): mid forward+backward 4.78 → 4.60 ms of kernels (profiles at e275188, NOTES
 # v12); on with the GPU tests above at 0c9d925.
 GRADIENT_BARRIER = True
+# The front door's gate floor max(g, ``inputs.GATE_FLOOR``) inside the cumsum kernel's pass (and its
+# derivative inside the adjoint's) instead of an XLA pass over g before it (0.062 ms forward at mid,
+# NOTES v14). The ``mosaic`` implementation takes g unfloored (``floors_gate``) and ``gate_cumsum``
+# floors it either way; off, in XLA. Interpret-tested (test_cumsum_kernel.py, test_mosaic.py); off
+# until its GPU tests have run.
+GATE_FLOOR_KERNEL = False
 # q and k reach ``gated_blocks``, ``diagonal_adjoint`` (and ``band_lower``/``band_adjoint``) in the
 # caller's time-major layout, and ``output_pass`` writes o in it: the passes hand them ``_from_chunks``
 # of the chunk-major tensors (and return ``_to_chunks`` of o), which XLA folds into the caller's own
@@ -154,6 +161,7 @@ class MosaicPasses:
         self.bf16_operands = BF16_OPERANDS if bf16_operands is None else bool(bf16_operands)
         self.gradient_barrier = GRADIENT_BARRIER
         self.time_major = TIME_MAJOR
+        self.gate_floor_kernel = GATE_FLOOR_KERNEL
 
     def operand(self, x):
         return x.astype(_BF16) if self.bf16_operands else x
@@ -164,9 +172,12 @@ class MosaicPasses:
         return (_from_chunks(q), _from_chunks(k)) if self.time_major else (q, k)
 
     def gate_cumsum(self, a, chunk_size):
+        # a arrives before the gate floor (the implementation ``floors_gate``); a floored a is unchanged
         if not self.cumsum_kernel or a.dtype != jnp.dtype(_F32):
-            return ScanPasses.gate_cumsum(self, a, chunk_size)
-        return cumsum.gate_cumsum(a, chunk_size, self.interpret)
+            return ScanPasses.gate_cumsum(self, apply_gate_floor(a), chunk_size)
+        if self.gate_floor_kernel:
+            return cumsum.gate_cumsum(a, chunk_size, self.interpret, GATE_FLOOR)
+        return cumsum.gate_cumsum(apply_gate_floor(a), chunk_size, self.interpret)
 
     def gated_blocks(self, gating, q, k, qf, kf, beta, zones, scale):
         if not (self.intra_kernel and self.blocks_kernel):
@@ -251,7 +262,7 @@ class MosaicPasses:
     def _key(self):
         return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel,
                 self.factored_diagonal, self.factored_adjoint, self.cumsum_kernel, self.bf16_operands,
-                self.gradient_barrier, self.time_major)
+                self.gradient_barrier, self.time_major, self.gate_floor_kernel)
 
     def __hash__(self):
         return hash((type(self), self._key()))
@@ -263,7 +274,8 @@ class MosaicPasses:
 def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, interpret=False,
                fused_output=None, intra_kernel=None, blocks_kernel=None, factors_kernel=None, factored_diagonal=None,
                factored_adjoint=None, cumsum_kernel=None, bf16_operands=None):
-    """Canonical inputs (``kda_jax.ops.inputs.canonicalize``) -> (o, final state float32).
+    """Canonical inputs (``kda_jax.ops.inputs.canonicalize``; g floored or not: ``gate_cumsum`` applies
+    the gate floor) -> (o, final state float32).
 
     Needs chunk_size 64 and K, V multiples of 64 (see ``supports``); ``interpret`` runs the
     kernels on CPU (tests); ``fused_output`` picks the forward kernel that also forms o for calls

@@ -14,7 +14,7 @@ from __future__ import annotations
 from kda_jax.ops import registry, sharded
 from kda_jax.ops.chunked import kda_chunked
 from kda_jax.ops.decode import kda_decode
-from kda_jax.ops.inputs import canonicalize, check_chunk_size, kda_gate, l2_normalize
+from kda_jax.ops.inputs import apply_gate_floor, canonicalize, check_chunk_size, kda_gate, l2_normalize
 from kda_jax.ops.additive import (LINEAR_ATTN_IMPLS, linear_attn, linear_attn_chunked, linear_attn_decode,
                                      linear_attn_reference)
 from kda_jax.ops.reference import kda_reference
@@ -64,11 +64,12 @@ def kda(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=
     check_chunk_size(chunk_size)
     c = canonicalize(q, k, v, g, beta, scale=scale, initial_state=initial_state, segment_ids=segment_ids,
                      use_qk_l2norm=use_qk_l2norm, A_log=A_log, dt_bias=dt_bias, beta_is_logit=beta_is_logit,
-                     scalar_gate=_scalar_gate)
+                     scalar_gate=_scalar_gate, floor_gate=False)
     sp = sharded.plan(c.q.shape[0], c.q.shape[2], c.v.shape[2])
     entry = registry.select(impl, registry.describe_call(c, chunk_size),
                             None if sp is None else registry.describe_call(c, chunk_size, sp))
-    args = (c.q, c.k, c.v, c.g, c.beta)
+    # the gate floor here, or inside an implementation that reads the gate in a pass of its own
+    args = (c.q, c.k, c.v, c.g if entry.floors_gate else apply_gate_floor(c.g), c.beta)
     kw = dict(scale=c.scale, initial_state=c.initial_state, resets=c.resets, chunk_size=chunk_size)
     o, S_T = sharded.run(entry.fn, sp, *args, **kw) if entry.per_shard and sp else entry.fn(*args, **kw)
     return o, (S_T if output_final_state else None)

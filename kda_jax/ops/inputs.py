@@ -86,11 +86,20 @@ def resets_from_segment_ids(segment_ids: jax.Array) -> jax.Array:
 GATE_FLOOR = -200.0
 
 
+def apply_gate_floor(g: jax.Array) -> jax.Array:
+    """max(g, ``GATE_FLOOR``): every canonical gate has been through this once."""
+    return jnp.maximum(g, GATE_FLOOR)
+
+
 def canonicalize(
     q, k, v, g, beta, *, scale=None, initial_state=None, segment_ids=None, use_qk_l2norm=False,
-    A_log=None, dt_bias=None, beta_is_logit=False, scalar_gate=False,
+    A_log=None, dt_bias=None, beta_is_logit=False, scalar_gate=False, floor_gate=True,
 ) -> Canonical:
-    """Validate a KDA (or, with ``scalar_gate``, GDN) call and return its canonical inputs."""
+    """Validate a KDA (or, with ``scalar_gate``, GDN) call and return its canonical inputs.
+
+    ``floor_gate=False`` leaves the decays below ``GATE_FLOOR`` as they are, for an implementation
+    that applies ``apply_gate_floor`` itself (``registry.Impl.floors_gate``; ``kda`` floors after it
+    has picked one)."""
     for name, x in (("q", q), ("k", k), ("v", v), ("g", g), ("beta", beta)):
         _check_float(name, x)
     if q.ndim != 4:
@@ -139,7 +148,8 @@ def canonicalize(
         raise ValueError("dt_bias is only used with the in-op gate: pass A_log as well (or neither)")
     else:
         g = g.astype(jnp.float32).reshape(B, T, HV, gate_width)
-    g = jnp.maximum(g, GATE_FLOOR)
+    if floor_gate:
+        g = apply_gate_floor(g)
     if scalar_gate:
         g = jnp.broadcast_to(g, (B, T, HV, K))
 

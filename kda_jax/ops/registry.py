@@ -49,15 +49,16 @@ class Impl:
     priority: int  # lower runs first under impl="auto"
     auto: bool
     per_shard: bool = False  # runs per shard of the context mesh (see the module docstring)
+    floors_gate: bool = False  # takes g before ``inputs.apply_gate_floor`` and applies it itself
 
 
 _REGISTRY: dict[str, Impl] = {}
 
 
 def register(name: str, fn: Callable, supports: Callable[[Call], str | None], *, priority: int, auto: bool = True,
-             per_shard: bool = False):
+             per_shard: bool = False, floors_gate: bool = False):
     """Add (or replace) an implementation. Kernels use priority < 100; ``chunked`` is 100."""
-    _REGISTRY[name] = Impl(name, fn, supports, priority, auto, per_shard)
+    _REGISTRY[name] = Impl(name, fn, supports, priority, auto, per_shard, floors_gate)
 
 
 def unregister(name: str) -> None:

@@ -61,6 +61,32 @@ def test_interpret_matches_float64(B, T, H, K):
     _check(B, T, H, K, 64, interpret=True, seed=B + T + H + K)
 
 
+def _check_floor(B, T, H, K, interpret, seed):
+    """``floor``: the forward sums max(a, floor) and the VJP is ``jnp.maximum``'s (1 above the floor,
+    ½ on it, 0 below: −1000, −inf), against XLA's max and cumsum in float64."""
+    C, floor = 64, -200.0
+    a, rng = _gates(B, T, H, K, seed)
+    a[0, 3, 0, :4] = -np.inf
+    a[0, 70, 1, 5:9] = floor  # ties
+    G, vjp = jax.vjp(lambda x: cumsum.gate_cumsum(x, C, interpret, floor), jnp.asarray(a))
+    ref = lambda x: SCAN.gate_cumsum(jnp.maximum(x, floor), C)
+    want, vjp_ref = jax.vjp(ref, jnp.asarray(a, jnp.float64))
+    _within_rounding(G, np.asarray(want), _forward_want(np.abs(np.maximum(a, floor)), C), "G")
+    dG = rng.standard_normal(G.shape).astype(np.float32)
+    (got,), (want,) = vjp(jnp.asarray(dG)), vjp_ref(jnp.asarray(dG, jnp.float64))
+    _within_rounding(got, np.asarray(want), _adjoint_want(np.abs(dG)), "vjp")
+    got = np.asarray(got)
+    assert (got[a < floor] == 0).all() and np.isfinite(got).all()
+    tie = np.asarray(cumsum.chunk_cumsum_adjoint(jnp.asarray(dG), interpret=interpret))[0, 70, 1, 5:9]
+    np.testing.assert_array_equal(got[0, 70, 1, 5:9], 0.5 * tie)
+    with pytest.raises(ValueError, match="a floor needs the forward's input a"):
+        cumsum.chunk_cumsum_adjoint(jnp.asarray(dG), floor=floor, interpret=interpret)
+
+
+def test_interpret_gate_floor():
+    _check_floor(1, 128, 2, 32, interpret=True, seed=13)
+
+
 def test_interpret_is_causal():
     """Changing token t changes no G row before it and no da row after it (bit for bit)."""
     a, rng = _gates(1, 128, 2, 32, 3)
@@ -92,3 +118,10 @@ def test_rejects_wrong_operands():
 def test_gpu_matches_float64(B, T, H, K):
     assert jax.default_backend() == "gpu"
     _check(B, T, H, K, 64, interpret=False, seed=T + K)
+
+
+@pytest.mark.gpu
+def test_gpu_gate_floor():
+    """The floor (``GATE_FLOOR_KERNEL``) compiled, at the mid benchmark's head size."""
+    assert jax.default_backend() == "gpu"
+    _check_floor(2, 2048, 4, 128, interpret=False, seed=14)

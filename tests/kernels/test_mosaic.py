@@ -111,6 +111,31 @@ def test_interpret_factored_adjoint(gate):
     check_against_oracle(_mosaic(factored_adjoint=True), x, label=f"mosaic factored adjoint {gate}")
 
 
+def check_gate_floor_kernel(monkeypatch, shape, interpret):
+    """g before the gate floor (−inf, −1000, exactly −200): the cumsum kernel's floor
+    (``GATE_FLOOR_KERNEL``) gives the bits of XLA's, in o, the final state and every gradient."""
+    import kda_jax.kernels.kda as kk
+
+    x = make_inputs(*shape, dtype=jnp.bfloat16, gate="strong", seed=21)
+    g = np.array(x["g"])
+    g[0, 7, 0, :5], g[0, 50, 0, 10:20] = -np.inf, -200.0
+    args = (x["q"], x["k"], x["v"], jnp.asarray(g), x["beta"], x["h0"])
+    fn = _mosaic(interpret=interpret)
+    loss = lambda *a: sum(jnp.sum(t.astype(jnp.float32) * jnp.cos(jnp.arange(t.size).reshape(t.shape)))
+                          for t in fn(*a))
+    runs = []
+    for on in (False, True):
+        monkeypatch.setattr(kk, "GATE_FLOOR_KERNEL", on)
+        runs.append((fn(*args), jax.grad(loss, argnums=range(6))(*args)))
+    for name, a, b in zip(["o", "S_T", *GRAD_NAMES], [*runs[0][0], *runs[0][1]], [*runs[1][0], *runs[1][1]]):
+        assert np.isfinite(np.asarray(a, np.float32)).all(), name
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+
+
+def test_interpret_gate_floor_in_the_cumsum_kernel(monkeypatch):
+    check_gate_floor_kernel(monkeypatch, (1, 100, 1, 1, 64, 64), interpret=True)
+
+
 @pytest.mark.parametrize("switches", [
     pytest.param({}, id="defaults"),
     # the paths that are off by default (suite budget: ``slow``; their GPU tests cover packed documents too)
@@ -203,6 +228,12 @@ GPU_SHAPES = [  # (B, T, H, HV, K, V)
     (1, 1500, 2, 4, 128, 128),  # GVA
     (1, 777, 3, 3, 64, 128),
 ]
+
+
+@pytest.mark.gpu
+def test_gpu_gate_floor_in_the_cumsum_kernel(monkeypatch):
+    """The condition for turning ``GATE_FLOOR_KERNEL`` on (with test_cumsum_kernel.py's GPU tests)."""
+    check_gate_floor_kernel(monkeypatch, (2, 1000, 2, 4, 128, 128), interpret=False)
 
 
 @pytest.mark.gpu

@@ -127,6 +127,32 @@ def test_auto_picks_chunked_on_cpu_and_a_supported_kernel_first():
     assert registry.names() == ["mosaic", "chunked", "reference"]
 
 
+def test_gate_floor_applied_once_by_the_front_door_or_the_implementation():
+    """``kda`` floors g (``inputs.GATE_FLOOR``) before an implementation, unless it is registered with
+    ``floors_gate`` (it then sees −inf and −1000 as given, and applies the floor itself)."""
+    from kda_jax.ops.inputs import GATE_FLOOR, apply_gate_floor
+
+    x = _x(seed=3)
+    g = np.array(x["g"])
+    g[:, 5, :, :3] = -np.inf
+    g[:, 9] = -1000.0
+    seen = []
+
+    def fake(q, k, v, g, beta, **kw):
+        seen.append(float(jnp.min(g)))
+        return kda_reference(q, k, v, apply_gate_floor(g) if floors else g, beta, **kw)
+
+    want = kda(x["q"], x["k"], x["v"], jnp.asarray(g), x["beta"], impl="reference")[0]
+    for floors in (False, True):
+        registry.register("fake", fake, lambda call: None, priority=0, auto=False, floors_gate=floors)
+        try:
+            o = kda(x["q"], x["k"], x["v"], jnp.asarray(g), x["beta"], impl="fake")[0]
+        finally:
+            registry.unregister("fake")
+        np.testing.assert_array_equal(np.asarray(o), np.asarray(want))
+    assert seen == [GATE_FLOOR, -np.inf]
+
+
 def test_impls_agree():
     x = _x(seed=5)
     args = (x["q"], x["k"], x["v"], x["g"], x["beta"])
