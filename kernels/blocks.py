@@ -36,6 +36,16 @@ constant, and a row's bound depends on its own sub-chunk's rows up to itself, so
 on a later token (kda_spec §3.5 ii: the causal anchor), bit for bit. The key exponent is clamped at
 80: a row it would overflow is one of the unbounded rows, which read bands there.
 
+With ``inverse`` the kernel returns T = (I + L)⁻¹ (kda_spec §3.4) in place of L, formed in its
+epilogue from L in registers: starting from the inverses of the 2×2 diagonal blocks, I − L there,
+neighbouring diagonal blocks of size s merge into blocks of 2s, ``[[A, 0], [L₂₁, B]]⁻¹ =
+[[A⁻¹, 0], [−B⁻¹L₂₁A⁻¹, B⁻¹]]``, for every pair at once as ``T ← T − T·L_s·T`` with L_s the L₂₁
+blocks of L (s = 2, 4, …, C/2): the terms of block forward substitution (``chunked._unit_lower_inverse``),
+no powers of L, so no growth beyond T's own entries. Each product runs on the tensor cores with
+operands split into bf16 high and low parts (hi·hi + hi·lo + lo·hi, float32 accumulation: ~2⁻¹⁶
+relative per product), which the XLA inverse did as HIGHEST-precision GEMMs and ~0.2 ms of small
+fusions at the mid shape (NOTES v13).
+
 G ≤ 0 increments are assumed (a log decay), as in ``intra``.
 """
 
@@ -50,7 +60,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kda_jax.kernels import intra
-from kda_jax.kernels.state_pass import _BF16, _F32, _ROW, _WG, _tiled, check_operand
+from kda_jax.kernels.state_pass import _BF16, _F32, _ROW, _WG, _mm, _tiled, check_operand
 
 SUB = intra.SUB
 _COL = plgpu.Layout.WGMMA.reduce(0)  # one value per column of a WGMMA-layout tile
@@ -116,8 +126,35 @@ def bounded_rows(G):
     return ok.astype(_F32), jnp.all(ok, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "interpret", "buffers", "block_d", "factored"))
-def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, block_d=None, factored=None):
+def _split_product(a, b, smem, C):
+    """a·b ``[C, C]`` float32 on the tensor cores with both operands split into bf16 high and low
+    parts (hi·hi + hi·lo + lo·hi); ``smem`` ``[4, C, C]`` bf16 holds the parts."""
+    for slot, x in enumerate((a, b)):
+        hi = x.astype(_BF16)
+        smem.at[2 * slot][...] = hi
+        smem.at[2 * slot + 1][...] = (x - hi.astype(_F32)).astype(_BF16)
+    plgpu.commit_smem()
+    out = _mm((C, C), (smem.at[0], smem.at[2]), (smem.at[0], smem.at[3]), (smem.at[1], smem.at[2]))
+    plgpu.commit_smem()  # the operands are read before the next product overwrites them
+    return out
+
+
+def unit_lower_inverse(L, rows, cols, smem):
+    """T = (I + L)⁻¹ of a strictly lower-triangular float32 ``[C, C]`` WGMMA-layout tile, by pairwise
+    merges of diagonal blocks (module docstring); ``rows``, ``cols`` the tile's index iotas."""
+    C = L.shape[0]
+    pairs = lambda s: (rows // (2 * s) == cols // (2 * s)) & (rows // s == cols // s + 1)  # the L₂₁ blocks
+    T = jnp.where(rows == cols, 1.0, 0.0) - jnp.where(pairs(1), L, 0.0)  # the 2×2 diagonal blocks
+    s = 2
+    while s < C:
+        T = T - _split_product(_split_product(T, jnp.where(pairs(s), L, 0.0), smem, C), T, smem, C)
+        s *= 2
+    return T
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "buffers", "block_d", "factored", "inverse"))
+def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, block_d=None, factored=None,
+                 inverse=None):
     """``(Aqk, L)``, each ``[N, B, H, C, C]`` float32 (module docstring), from ``q, k`` (bf16 or
     float32, one dtype) chunk-major ``[N, B, H, C, K]`` or time-major ``[B, N·C, H, K]`` (both the
     same layout), float32 chunk-major ``G [N, B, H, C, K]``,
@@ -125,7 +162,8 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
     inside the chunk; zeros when there are no documents); ``buffers``: sets of operand tiles
     (default ``OPERAND_BUFFERS``); ``block_d``: channels per off-diagonal operand tile (default
     ``OFF_BLOCK_D``); ``factored``: bounded rows' diagonal sub-blocks on the tensor cores (default
-    ``FACTORED_DIAGONAL``; off, every row takes the exact bands)."""
+    ``FACTORED_DIAGONAL``; off, every row takes the exact bands); ``inverse``: a dtype (bf16 or float32)
+    to return T = (I + L)⁻¹ in, in place of L (module docstring)."""
     N, B, H, C, K = intra._operands(q, k, G)
     buffers = OPERAND_BUFFERS if buffers is None else buffers
     if buffers not in (1, 2):
@@ -138,6 +176,10 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
     if K % 64:
         raise ValueError(f"gated_blocks needs K a multiple of 64; got K={K}")
     nc = C // SUB
+    if inverse is not None:
+        inverse = jnp.dtype(inverse)
+        if inverse not in (jnp.dtype(_BF16), jnp.dtype(_F32)):
+            raise ValueError(f"gated_blocks: inverse must be bfloat16 or float32, got {inverse}")
     factored = FACTORED_DIAGONAL if factored is None else bool(factored)
     if factored:
         safe_rows, safe_chunk = bounded_rows(G)
@@ -146,7 +188,8 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
     sigma = SIGMA if factored else 0.0
     first_p = 0 if factored else 1  # with the diagonal sub-block in its product, p = 0 has one too
 
-    def body(q_ref, k_ref, g_ref, b_ref, z_ref, sr_ref, sc_ref, a_ref, l_ref, k_s, g_s, o_s, xq_s, xk_s, y_s):
+    def body(q_ref, k_ref, g_ref, b_ref, z_ref, sr_ref, sc_ref, a_ref, l_ref, k_s, g_s, o_s, xq_s, xk_s, y_s,
+             *inv_s):
         n, b, h = lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h")
         idx = (n, b, h)
 
@@ -205,10 +248,16 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
         zc = lax.broadcast_in_dim(plgpu.load(z_ref.at[n, b], layout=_COL, optimized=False), (C, C), [1])
         same = zr == zc
         a_ref.at[idx][...] = jnp.where((dist >= 0) & same, scale * P, 0.0)
-        l_ref.at[idx][...] = jnp.where((dist > 0) & same, row_vec(b_ref.at[idx]) * R, 0.0)
+        L = jnp.where((dist > 0) & same, row_vec(b_ref.at[idx]) * R, 0.0)
+        if inverse is not None:
+            cols = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=_WG)
+            L = unit_lower_inverse(L, rows, cols, inv_s[0]).astype(inverse)
+        l_ref.at[idx][...] = L
 
-    out = tuple(jax.ShapeDtypeStruct((N, B, H, C, C), _F32) for _ in range(2))
+    out = (jax.ShapeDtypeStruct((N, B, H, C, C), _F32), jax.ShapeDtypeStruct((N, B, H, C, C), inverse or _F32))
     scratch = intra.band_scratch(C, k.dtype) + [_tiled((buffers, C, bd)) for _ in range(3)]
+    if inverse is not None:
+        scratch.append(_tiled((4, C, C)))  # the bf16 parts of the inverse's operands
     kern = intra._kernel(body, name="kda_gated_blocks", interpret=interpret, grid=(N, B, H),
                          grid_names=("n", "b", "h"), out_type=out, scratch_types=scratch)
     return kern(q, k, G, beta, zone, safe_rows, safe_chunk)

@@ -96,9 +96,15 @@ GRADIENT_BARRIER = True
 # The front door's gate floor max(g, ``inputs.GATE_FLOOR``) inside the cumsum kernel's pass (and its
 # derivative inside the adjoint's) instead of an XLA pass over g before it (0.062 ms forward at mid,
 # NOTES v14). The ``mosaic`` implementation takes g unfloored (``floors_gate``) and ``gate_cumsum``
-# floors it either way; off, in XLA. Interpret-tested (test_cumsum_kernel.py, test_mosaic.py); off
-# until its GPU tests have run.
+# floors it either way; off, in XLA (benchmarks/NOTES.md v16). Interpret-tested (test_cumsum_kernel.py,
+# test_mosaic.py); off until its GPU tests have run.
 GATE_FLOOR_KERNEL = False
+# T = (I + L)⁻¹ formed in ``gated_blocks``' epilogue (``blocks.unit_lower_inverse``: pairwise merges of
+# diagonal blocks as tensor-core products on bf16 high/low operand parts) instead of
+# ``chunked._unit_lower_inverse`` in XLA (~0.2 ms of small fusions at mid, NOTES v13) after L's float32
+# round trip through HBM. Interpret-tested (test_blocks_kernel.py, test_mosaic.py); off until its GPU
+# tests have run (benchmarks/NOTES.md v17).
+INVERSE_IN_BLOCKS = False
 # q and k reach ``gated_blocks``, ``diagonal_adjoint`` (and ``band_lower``/``band_adjoint``) in the
 # caller's time-major layout, and ``output_pass`` writes o in it: the passes hand them ``_from_chunks``
 # of the chunk-major tensors (and return ``_to_chunks`` of o), which XLA folds into the caller's own
@@ -149,7 +155,8 @@ class MosaicPasses:
     def __init__(self, interpret: bool = False, fused_output: bool | None = None, intra_kernel: bool | None = None,
                  blocks_kernel: bool | None = None, factors_kernel: bool | None = None,
                  factored_diagonal: bool | None = None, factored_adjoint: bool | None = None,
-                 cumsum_kernel: bool | None = None, bf16_operands: bool | None = None):
+                 cumsum_kernel: bool | None = None, bf16_operands: bool | None = None,
+                 gate_floor_kernel: bool | None = None, inverse_in_blocks: bool | None = None):
         self.interpret = bool(interpret)
         self.fused_output = FUSED_OUTPUT if fused_output is None else bool(fused_output)
         self.intra_kernel = INTRA_KERNEL if intra_kernel is None else bool(intra_kernel)
@@ -161,7 +168,8 @@ class MosaicPasses:
         self.bf16_operands = BF16_OPERANDS if bf16_operands is None else bool(bf16_operands)
         self.gradient_barrier = GRADIENT_BARRIER
         self.time_major = TIME_MAJOR
-        self.gate_floor_kernel = GATE_FLOOR_KERNEL
+        self.gate_floor_kernel = GATE_FLOOR_KERNEL if gate_floor_kernel is None else bool(gate_floor_kernel)
+        self.inverse_in_blocks = INVERSE_IN_BLOCKS if inverse_in_blocks is None else bool(inverse_in_blocks)
 
     def operand(self, x):
         return x.astype(_BF16) if self.bf16_operands else x
@@ -179,15 +187,25 @@ class MosaicPasses:
             return cumsum.gate_cumsum(a, chunk_size, self.interpret, GATE_FLOOR)
         return cumsum.gate_cumsum(apply_gate_floor(a), chunk_size, self.interpret)
 
-    def gated_blocks(self, gating, q, k, qf, kf, beta, zones, scale):
-        if not (self.intra_kernel and self.blocks_kernel):
-            return ScanPasses.gated_blocks(self, gating, q, k, qf, kf, beta, zones, scale)
+    def _blocks_kernel(self, gating, q, k, beta, zones, scale, inverse=None):
         G = gating.G
         zone = (jnp.zeros((*G.shape[:2], G.shape[-2]), _F32) if zones.zone is None
                 else zones.zone[:, :, 0, :].astype(_F32))
-        Aqk, L = blocks.gated_blocks(*self._qk(q, k), G.astype(_F32), beta.astype(_F32), zone, scale=scale,
-                                     interpret=self.interpret, factored=self.factored_diagonal)
-        return Aqk.astype(G.dtype), L.astype(G.dtype)
+        return blocks.gated_blocks(*self._qk(q, k), G.astype(_F32), beta.astype(_F32), zone, scale=scale,
+                                   interpret=self.interpret, factored=self.factored_diagonal, inverse=inverse)
+
+    def gated_blocks(self, gating, q, k, qf, kf, beta, zones, scale):
+        if not (self.intra_kernel and self.blocks_kernel):
+            return ScanPasses.gated_blocks(self, gating, q, k, qf, kf, beta, zones, scale)
+        Aqk, L = self._blocks_kernel(gating, q, k, beta, zones, scale)
+        return Aqk.astype(gating.G.dtype), L.astype(gating.G.dtype)
+
+    def intra_blocks(self, gating, q, k, qf, kf, beta, zones, scale):
+        if not (self.inverse_in_blocks and self.intra_kernel and self.blocks_kernel):
+            return ScanPasses.intra_blocks(self, gating, q, k, qf, kf, beta, zones, scale)
+        # T in the dtype ``operand`` gives the GEMMs that read it (``INVERSE_IN_BLOCKS``)
+        Aqk, T = self._blocks_kernel(gating, q, k, beta, zones, scale, inverse=self.operand(gating.G[..., :1]).dtype)
+        return Aqk.astype(gating.G.dtype), T
 
     def forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones, scale):
         if not self.factors_kernel:
@@ -262,7 +280,7 @@ class MosaicPasses:
     def _key(self):
         return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel,
                 self.factored_diagonal, self.factored_adjoint, self.cumsum_kernel, self.bf16_operands,
-                self.gradient_barrier, self.time_major, self.gate_floor_kernel)
+                self.gradient_barrier, self.time_major, self.gate_floor_kernel, self.inverse_in_blocks)
 
     def __hash__(self):
         return hash((type(self), self._key()))
@@ -273,7 +291,8 @@ class MosaicPasses:
 
 def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, interpret=False,
                fused_output=None, intra_kernel=None, blocks_kernel=None, factors_kernel=None, factored_diagonal=None,
-               factored_adjoint=None, cumsum_kernel=None, bf16_operands=None):
+               factored_adjoint=None, cumsum_kernel=None, bf16_operands=None, gate_floor_kernel=None,
+               inverse_in_blocks=None):
     """Canonical inputs (``kda_jax.ops.inputs.canonicalize``; g floored or not: ``gate_cumsum`` applies
     the gate floor) -> (o, final state float32).
 
@@ -287,9 +306,11 @@ def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chun
     tensor cores (default ``blocks.FACTORED_DIAGONAL``); ``factored_adjoint``: the same in the backward's
     diagonal adjoints (``adjoint.diagonal_adjoint``, default ``FACTORED_ADJOINT``); ``cumsum_kernel``: G and
     the gate's gradient by ``cumsum.gate_cumsum`` (default ``CUMSUM_KERNEL``); ``bf16_operands``: the XLA
-    GEMMs around the kernels read bf16 (default ``BF16_OPERANDS``).
+    GEMMs around the kernels read bf16 (default ``BF16_OPERANDS``); ``gate_floor_kernel``: the gate floor
+    inside the cumsum kernel (default ``GATE_FLOOR_KERNEL``); ``inverse_in_blocks``: T = (I + L)⁻¹ in
+    ``gated_blocks``' epilogue (default ``INVERSE_IN_BLOCKS``).
     """
     passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel, factors_kernel, factored_diagonal,
-                          factored_adjoint, cumsum_kernel, bf16_operands)
+                          factored_adjoint, cumsum_kernel, bf16_operands, gate_floor_kernel, inverse_in_blocks)
     return kda_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets,
                        chunk_size=chunk_size, passes=passes)

@@ -243,8 +243,7 @@ def _unit_lower_inverse(L: jax.Array, out=_same) -> jax.Array:
 
 def _intra(q, k, qf, kf, beta, gating: _Gating, zones: _Zones, scale, passes):
     """Aqk (lower incl. diagonal) and T = (I + L)⁻¹, both ``[..., C, C]``."""
-    Aqk, L = passes.gated_blocks(gating, q, k, qf, kf, beta, zones, scale)
-    return Aqk, _unit_lower_inverse(L, passes.operand)  # T as every GEMM that reads it wants it
+    return passes.intra_blocks(gating, q, k, qf, kf, beta, zones, scale)
 
 
 def _decays(G, zones: _Zones):
@@ -290,6 +289,12 @@ class ScanPasses:
         dtype of G)."""
         P, R = gating.lower(jnp.stack([qf, kf]), kf, self.intra_diag(gating, q, k))
         return zones.pair(scale * P, strict=False), zones.pair(beta[..., None] * R, strict=True)
+
+    def intra_blocks(self, gating: _Gating, q, k, qf, kf, beta, zones: _Zones, scale):
+        """Aqk and T = (I + L)⁻¹ (``gated_blocks``, then ``_unit_lower_inverse``), T as ``operand``
+        casts it (what every GEMM that reads it wants)."""
+        Aqk, L = self.gated_blocks(gating, q, k, qf, kf, beta, zones, scale)
+        return Aqk, _unit_lower_inverse(L, self.operand)
 
     def operand(self, x):
         """What the XLA GEMMs of the backward (and W, U) read: x itself here (float32, or float64 in

@@ -130,6 +130,36 @@ def test_factored_diagonal_is_causal():
         np.testing.assert_array_equal(x[..., : t + 1, :], y[..., : t + 1, :])
 
 
+def _check_inverse(shape, interpret, seed):
+    """``inverse``: T = (I + L)⁻¹ against float64 ``np.linalg.inv`` of the kernel's own L, Aqk unchanged
+    bit for bit, for random keys with −1000 gates and documents, and for identical unit keys with
+    β = 1 and no decay (L ≈ all ones below the diagonal in each document: the most cancellation for
+    substitution; T ≈ 1 on the diagonal and −1 just below it)."""
+    N, B, H, C, K = shape
+    q, k, G, rng = _inputs(N, B, H, C, K, jnp.bfloat16, seed)
+    beta = jnp.asarray(rng.uniform(0.05, 1.0, (N, B, H, C)), jnp.float32)
+    zone = jnp.asarray(_zones(N, B, C, rng))
+    ones = jnp.asarray(np.broadcast_to(np.eye(K)[0], (N, B, H, C, K)), jnp.bfloat16)
+    run = lambda *a, **kw: blocks.gated_blocks(*a, zone, scale=0.125, interpret=interpret, factored=True, **kw)
+    for case, args in (("random", (q, k, G, beta)), ("identical", (ones, ones, jnp.zeros_like(G), jnp.ones_like(beta)))):
+        Aqk, L = run(*args)
+        want = np.linalg.inv(np.eye(C) + np.asarray(L, np.float64))
+        for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2.0 ** -8)):
+            A2, T = run(*args, inverse=dtype)
+            assert T.dtype == dtype
+            np.testing.assert_array_equal(np.asarray(A2), np.asarray(Aqk))
+            err = np.abs(np.asarray(T, np.float64) - want)
+            assert (err <= tol * np.maximum(np.abs(want), 1.0)).all(), f"{case} {dtype}: max error {err.max():.2e}"
+    z = np.asarray(zone)[:, :, None]
+    i, j = np.arange(C)[:, None], np.arange(C)[None, :]
+    bidiagonal = np.where(i == j, 1.0, np.where((i == j + 1) & (z[..., :, None] == z[..., None, :]), -1.0, 0.0))
+    np.testing.assert_allclose(want, np.broadcast_to(bidiagonal, want.shape), atol=1e-2)
+
+
+def test_interpret_inverse():
+    _check_inverse((2, 1, 2, 64, 64), interpret=True, seed=15)
+
+
 def test_rejects_wrong_operands():
     q = jnp.zeros((1, 1, 1, 64, 64), jnp.bfloat16)
     G = q.astype(jnp.float32)
@@ -161,3 +191,11 @@ def test_gpu_factored_diagonal(K, bounded_only, buffers, block_d):
     assert jax.default_backend() == "gpu"
     _check((3, 2, 4, 64, K), jnp.bfloat16, interpret=False, seed=7, buffers=buffers, block_d=block_d, factored=True,
            bounded_only=bounded_only)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("K", [64, 128])
+def test_gpu_inverse(K):
+    """T in the kernel's epilogue (``INVERSE_IN_BLOCKS``), compiled."""
+    assert jax.default_backend() == "gpu"
+    _check_inverse((3, 2, 4, 64, K), interpret=False, seed=16)

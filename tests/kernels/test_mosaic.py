@@ -111,29 +111,34 @@ def test_interpret_factored_adjoint(gate):
     check_against_oracle(_mosaic(factored_adjoint=True), x, label=f"mosaic factored adjoint {gate}")
 
 
-def check_gate_floor_kernel(monkeypatch, shape, interpret):
+def check_gate_floor_kernel(shape, interpret):
     """g before the gate floor (−inf, −1000, exactly −200): the cumsum kernel's floor
     (``GATE_FLOOR_KERNEL``) gives the bits of XLA's, in o, the final state and every gradient."""
-    import kda_jax.kernels.kda as kk
-
     x = make_inputs(*shape, dtype=jnp.bfloat16, gate="strong", seed=21)
     g = np.array(x["g"])
     g[0, 7, 0, :5], g[0, 50, 0, 10:20] = -np.inf, -200.0
     args = (x["q"], x["k"], x["v"], jnp.asarray(g), x["beta"], x["h0"])
-    fn = _mosaic(interpret=interpret)
-    loss = lambda *a: sum(jnp.sum(t.astype(jnp.float32) * jnp.cos(jnp.arange(t.size).reshape(t.shape)))
-                          for t in fn(*a))
     runs = []
     for on in (False, True):
-        monkeypatch.setattr(kk, "GATE_FLOOR_KERNEL", on)
+        fn = _mosaic(interpret=interpret, gate_floor_kernel=on)
+        loss = lambda *a: sum(jnp.sum(t.astype(jnp.float32) * jnp.cos(jnp.arange(t.size).reshape(t.shape)))
+                              for t in fn(*a))
         runs.append((fn(*args), jax.grad(loss, argnums=range(6))(*args)))
     for name, a, b in zip(["o", "S_T", *GRAD_NAMES], [*runs[0][0], *runs[0][1]], [*runs[1][0], *runs[1][1]]):
         assert np.isfinite(np.asarray(a, np.float32)).all(), name
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
 
 
-def test_interpret_gate_floor_in_the_cumsum_kernel(monkeypatch):
-    check_gate_floor_kernel(monkeypatch, (1, 100, 1, 1, 64, 64), interpret=True)
+def test_interpret_gate_floor_in_the_cumsum_kernel():
+    check_gate_floor_kernel((1, 100, 1, 1, 64, 64), interpret=True)
+
+
+def test_interpret_inverse_in_blocks():
+    """T from ``gated_blocks``' epilogue (``INVERSE_IN_BLOCKS``) through the op against float64: outputs,
+    final state and every gradient, both calls; GVA, padding, h0, −1000 gates."""
+    x = make_inputs(1, 150, 1, 2, 64, 64, dtype=jnp.bfloat16, gate="strong", seed=6)
+    check_against_oracle(_mosaic(fused_output=True, inverse_in_blocks=True), x, label="mosaic inverse in blocks",
+                         primal=True)
 
 
 @pytest.mark.parametrize("switches", [
@@ -231,9 +236,10 @@ GPU_SHAPES = [  # (B, T, H, HV, K, V)
 
 
 @pytest.mark.gpu
-def test_gpu_gate_floor_in_the_cumsum_kernel(monkeypatch):
-    """The condition for turning ``GATE_FLOOR_KERNEL`` on (with test_cumsum_kernel.py's GPU tests)."""
-    check_gate_floor_kernel(monkeypatch, (2, 1000, 2, 4, 128, 128), interpret=False)
+def test_gpu_gate_floor_in_the_cumsum_kernel():
+    """With test_cumsum_kernel.py's GPU tests and the ``gate_floor`` chunk-kernel tests, the condition for
+    turning ``GATE_FLOOR_KERNEL`` on."""
+    check_gate_floor_kernel((2, 1000, 2, 4, 128, 128), interpret=False)
 
 
 @pytest.mark.gpu
@@ -277,10 +283,12 @@ def test_gpu_fused_output_packed_documents_h0(dtype):
 # W, U, Kd, Qs by ``wy.forward_factors`` (``FACTORS_KERNEL``); name -> (switches, seed offset)
 # the backward's diagonal adjoints by ``adjoint.diagonal_adjoint`` (``FACTORED_ADJOINT``) and G with the gate's
 # gradient by ``cumsum.gate_cumsum`` (``CUMSUM_KERNEL``); the XLA GEMMs around the kernels on bf16 operands
-# (``BF16_OPERANDS``)
+# (``BF16_OPERANDS``); T in ``gated_blocks``' epilogue (``INVERSE_IN_BLOCKS``); the gate floor in the cumsum
+# kernel (``GATE_FLOOR_KERNEL``)
 _CHUNK_KERNELS = {"blocks": (dict(blocks_kernel=True), 0), "factors": (dict(blocks_kernel=True, factors_kernel=True), 1),
                   "adjoint": (dict(factored_adjoint=True), 2), "cumsum": (dict(cumsum_kernel=True), 3),
-                  "bf16_operands": (dict(bf16_operands=True), 4)}
+                  "bf16_operands": (dict(bf16_operands=True), 4), "inverse": (dict(inverse_in_blocks=True), 5),
+                  "gate_floor": (dict(gate_floor_kernel=True), 6)}
 
 
 @pytest.mark.gpu
