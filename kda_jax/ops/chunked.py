@@ -27,7 +27,8 @@ Numerics (§3.5):
   may round what the GEMMs of W, U and of the backward read (``passes.operand``: bf16 on the GPU
   kernels' path, as their own products do), always accumulating in float32.
 * T = (I + L)⁻¹ (§3.4): 16×16 diagonal blocks by row-wise forward substitution, then neighbouring
-  blocks merged pairwise, 16 → 32 → 64 (``_unit_lower_inverse``).
+  blocks merged pairwise, 16 → 32 → 64 (``_unit_lower_inverse``; ``passes.intra_blocks`` may form
+  Aqk and T together instead).
 
 Memory (§4.1): the forward saves q, k, v, G, β, the initial state, Aqk and T (2·C floats per
 token-head beyond the inputs: G takes the place of a); the backward recomputes W, U, Kd and the

@@ -11,6 +11,10 @@ A ``per_shard`` implementation (a kernel with no SPMD partitioning rule) is judg
 shard of the context mesh would make (``sharded.plan``: batch rows and heads split, ``sharded=True``,
 one device); ``kda(...)`` then runs it under ``jax.shard_map``. Without a mesh it sees the whole
 call and the number of devices of the process.
+
+A ``floors_gate`` implementation receives g before the gate floor (``inputs.apply_gate_floor``,
+which ``kda(...)`` applies for every other one) and applies it itself, in a pass it makes over g
+anyway.
 """
 
 from __future__ import annotations
