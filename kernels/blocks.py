@@ -204,7 +204,8 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
             it = 0
             for cb in range(K // bd):
                 cs = pl.ds(cb * bd, bd)
-                load = lambda ref: plgpu.load(intra.chunk(ref, idx, C).at[:, cs], layout=_WG, optimized=False).astype(_F32)
+                load = lambda ref: plgpu.load(intra.chunk(ref, idx, C).at[:, cs], layout=_WG,
+                                              optimized=False).astype(_F32)
                 g, qx, kx = load(g_ref), load(q_ref), load(k_ref)
                 gn = first_rows(g_ref.at[idx], cs, nc)
                 own, kd = rw.anchored(g, gn, sigma)  # e^{G − G_n(s) + σ}, and its key-side partner

@@ -11,8 +11,8 @@ other rows; masks included) and the diagonal sub-blocks' adjoints in the backwar
 form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off); ``cumsum`` the gate's in-chunk cumsum G
 and its adjoint, each in one pass between the caller's layout and the chunk-major one
 (``CUMSUM_KERNEL``). The kernels read q and k, and ``output_pass`` writes o, in the caller's
-``[B, T, H, K]`` layout (``TIME_MAJOR``). The triangular inverse, the gating factors of the backward and the gradients
-that follow from the chunk states stay XLA. Operands the
+``[B, T, H, K]`` layout (``TIME_MAJOR``). The triangular inverse (unless ``INVERSE_IN_BLOCKS``), the
+gating factors of the backward and the gradients that follow from the chunk states stay XLA. Operands the
 state passes, the tensor-core products and XLA's GEMMs (``BF16_OPERANDS``) read are rounded to bf16
 (the state and all accumulations stay float32), so float32 inputs give bf16-level agreement, within
 the thresholds of kda_spec §5.3; the diagonal bands are float32 sums.
@@ -204,7 +204,7 @@ class MosaicPasses:
         if not (self.inverse_in_blocks and self.intra_kernel and self.blocks_kernel):
             return ScanPasses.intra_blocks(self, gating, q, k, qf, kf, beta, zones, scale)
         # T in the dtype ``operand`` gives the GEMMs that read it (``INVERSE_IN_BLOCKS``)
-        Aqk, T = self._blocks_kernel(gating, q, k, beta, zones, scale, inverse=self.operand(gating.G[..., :1]).dtype)
+        Aqk, T = self._blocks_kernel(gating, q, k, beta, zones, scale, inverse=_BF16 if self.bf16_operands else _F32)
         return Aqk.astype(gating.G.dtype), T
 
     def forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones, scale):
