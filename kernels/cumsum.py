@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kda_jax.kernels.intra import BLOCK_K, _padded
-from kda_jax.kernels.state_pass import _F32, _WG, _kernel, check_operand
+from kda_jax.kernels.state_pass import _F32, _WG, _kernel, check_operand, chunk
 
 _check = functools.partial(check_operand, "chunk cumsum")
 
@@ -52,41 +52,37 @@ def _scan(x, buf, C, reverse):
     return x
 
 
-def _launch(src, dst, N, B, H, C, K, out_shape, reverse, name, interpret, floor=None, gate=None):
-    """One CTA per (chunk, batch row, head); ``src(ref, n, b, h)`` / ``dst(ref, n, b, h)`` give the
-    ``[C, K]`` slabs of the input and output. With ``floor`` the forward (``gate`` None) sums
-    max(a, floor); the adjoint (``gate(ref, n, b, h)``: the slab of a, a second input) scales its sums
-    by that max's derivative in a (1 above the floor, ½ on it, 0 below: ``jnp.maximum``'s)."""
+def _launch(N, B, H, C, K, out_shape, reverse, name, interpret, floor=None, with_gate=False):
+    """One CTA per (chunk, batch row, head) over ``[C, K]`` slabs (``state_pass.chunk``: each ref
+    chunk-major or time-major by its rank). With ``floor`` the forward sums max(a, floor); the adjoint
+    (``with_gate``: a second input, a) scales its sums by that max's derivative in a (1 above the
+    floor, ½ on it, 0 below: ``jnp.maximum``'s)."""
     if C % 64 or K % BLOCK_K:
         raise ValueError(f"chunk cumsum needs C a multiple of 64 and K of {BLOCK_K}; got C={C} K={K}")
 
     def body(x_ref, *refs):
-        (a_ref, y_ref, buf) = refs if gate is not None else (None, *refs)
-        n, b, h = lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h")
+        (a_ref, y_ref, buf) = refs if with_gate else (None, *refs)
+        idx = (lax.axis_index("n"), lax.axis_index("b"), lax.axis_index("h"))
         zero = plgpu.layout_cast(jnp.zeros((C, BLOCK_K), _F32), _WG)
         for r0 in (0, C):  # the zero blocks on either side (the tile's rows are rewritten each step)
             buf.at[pl.ds(r0, C), pl.ds(0, BLOCK_K)][...] = zero
         # every column block's load first (K/BLOCK_K · 16 registers), so they are in flight together
         # rather than one per round of the scan's barriers
         cols = [pl.ds(cb * BLOCK_K, BLOCK_K) for cb in range(K // BLOCK_K)]
-        load = lambda ref, c, f: plgpu.load(f(ref, n, b, h).at[:, c], layout=_WG, optimized=False)
-        xs = [load(x_ref, c, src) for c in cols]
-        if floor is not None and gate is None:
+        load = lambda ref, c: plgpu.load(chunk(ref, idx, C).at[:, c], layout=_WG, optimized=False)
+        xs = [load(x_ref, c) for c in cols]
+        if floor is not None and not with_gate:
             xs = [jnp.maximum(x, floor) for x in xs]
-        gs = [load(a_ref, c, gate) for c in cols] if gate is not None else [None] * len(cols)
+        gs = [load(a_ref, c) for c in cols] if with_gate else [None] * len(cols)
         for c, x, a in zip(cols, xs, gs):
             y = _scan(x, buf, C, reverse)
             if a is not None:
                 y = jnp.where(a > floor, y, jnp.where(a == floor, 0.5 * y, 0.0))
-            dst(y_ref, n, b, h).at[:, c][...] = y
+            chunk(y_ref, idx, C).at[:, c][...] = y
 
     kern = _kernel(body, name=name, interpret=interpret, grid=(N, B, H), grid_names=("n", "b", "h"),
                    out_type=jax.ShapeDtypeStruct(out_shape, _F32), scratch_types=[_padded(2 * C, _F32)])
     return kern
-
-
-def _time_major(ref, n, b, h, C):
-    return ref.at[b, pl.ds(n * C, C), h]
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size", "floor", "interpret"))
@@ -100,9 +96,7 @@ def chunk_cumsum(a, *, chunk_size, floor=None, interpret=False):
         raise ValueError(f"chunk cumsum: T={T} is not a multiple of the chunk size {C} (pad first)")
     _check("a", a, (B, T, H, K), _F32)
     N = T // C
-    kern = _launch(lambda r, n, b, h: _time_major(r, n, b, h, C), lambda r, n, b, h: r.at[n, b, h],
-                   N, B, H, C, K, (N, B, H, C, K), False, "kda_chunk_cumsum", interpret, floor=floor)
-    return kern(a)
+    return _launch(N, B, H, C, K, (N, B, H, C, K), False, "kda_chunk_cumsum", interpret, floor=floor)(a)
 
 
 @functools.partial(jax.jit, static_argnames=("floor", "interpret"))
@@ -112,13 +106,12 @@ def chunk_cumsum_adjoint(dG, a=None, *, floor=None, interpret=False):
     the derivative of max(a, floor) at float32 ``a [B, T, H, K]`` (the forward's input)."""
     N, B, H, C, K = dG.shape
     _check("dG", dG, (N, B, H, C, K), _F32)
-    time_major = lambda r, n, b, h: _time_major(r, n, b, h, C)
     if floor is not None:
         if a is None:
             raise ValueError("chunk cumsum adjoint: a floor needs the forward's input a")
         _check("a", a, (B, N * C, H, K), _F32)
-    kern = _launch(lambda r, n, b, h: r.at[n, b, h], time_major, N, B, H, C, K, (B, N * C, H, K), True,
-                   "kda_chunk_cumsum_adjoint", interpret, floor=floor, gate=None if floor is None else time_major)
+    kern = _launch(N, B, H, C, K, (B, N * C, H, K), True, "kda_chunk_cumsum_adjoint", interpret, floor=floor,
+                   with_gate=floor is not None)
     return kern(dG) if floor is None else kern(dG, a)
 
 
