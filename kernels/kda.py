@@ -94,16 +94,19 @@ BF16_OPERANDS = True
 # v12); on with the GPU tests above at 0c9d925.
 GRADIENT_BARRIER = True
 # The front door's gate floor max(g, ``inputs.GATE_FLOOR``) inside the cumsum kernel's pass (and its
-# derivative inside the adjoint's) instead of an XLA pass over g before it (0.062 ms forward at mid,
-# NOTES v14). The ``mosaic`` implementation takes g unfloored (``floors_gate``) and ``gate_cumsum``
-# floors it either way; off, in XLA (benchmarks/NOTES.md v16). Interpret-tested (test_cumsum_kernel.py,
-# test_mosaic.py); off until its GPU tests have run.
-GATE_FLOOR_KERNEL = False
+# derivative inside the adjoint's) instead of an XLA pass over g before it. The ``mosaic`` implementation
+# takes g unfloored (``floors_gate``) and ``gate_cumsum`` floors it either way; off, in XLA. Mid forward
+# 1.274 → 1.212 ms of kernels, forward+backward 4.376 → 4.255 (H200 profiles; back to back 1.290 → 1.233
+# and 4.412 → 4.297 ms, benchmarks/NOTES.md v16). With it on, test_cumsum_kernel.py ``-m gpu`` (3), the
+# front-door floor through the op, and the ``gate_floor`` chunk-kernel tests (5 shapes and packed f32)
+# passed on an H200 at 1c0e269.
+GATE_FLOOR_KERNEL = True
 # T = (I + L)⁻¹ formed in ``gated_blocks``' epilogue (``blocks.unit_lower_inverse``: pairwise merges of
 # diagonal blocks as tensor-core products on bf16 high/low operand parts) instead of
-# ``chunked._unit_lower_inverse`` in XLA (~0.2 ms of small fusions at mid, NOTES v13) after L's float32
-# round trip through HBM. Interpret-tested (test_blocks_kernel.py, test_mosaic.py); off until its GPU
-# tests have run (benchmarks/NOTES.md v17).
+# ``chunked._unit_lower_inverse`` in XLA. Correct on an H200 (test_blocks_kernel.py ``test_gpu_inverse``,
+# the ``inverse`` chunk-kernel tests; 1c0e269) but slower: the epilogue adds 0.266 ms to ``gated_blocks``
+# (0.343 → 0.609) while the XLA fusions it replaces took ~0.23, mid forward 1.274 → 1.311 ms of kernels
+# (benchmarks/NOTES.md v17). Off.
 INVERSE_IN_BLOCKS = False
 # q and k reach ``gated_blocks``, ``diagonal_adjoint`` (and ``band_lower``/``band_adjoint``) in the
 # caller's time-major layout, and ``output_pass`` writes o in it: the passes hand them ``_from_chunks``

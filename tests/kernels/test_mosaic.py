@@ -284,11 +284,13 @@ def test_gpu_fused_output_packed_documents_h0(dtype):
 # the backward's diagonal adjoints by ``adjoint.diagonal_adjoint`` (``FACTORED_ADJOINT``) and G with the gate's
 # gradient by ``cumsum.gate_cumsum`` (``CUMSUM_KERNEL``); the XLA GEMMs around the kernels on bf16 operands
 # (``BF16_OPERANDS``); T in ``gated_blocks``' epilogue (``INVERSE_IN_BLOCKS``); the gate floor in the cumsum
-# kernel (``GATE_FLOOR_KERNEL``)
+# kernel (``GATE_FLOOR_KERNEL``); the diagonal sub-blocks as exact bands both ways (``band_lower``,
+# ``band_adjoint``: ``BLOCKS_KERNEL`` and ``FACTORED_ADJOINT`` off)
 _CHUNK_KERNELS = {"blocks": (dict(blocks_kernel=True), 0), "factors": (dict(blocks_kernel=True, factors_kernel=True), 1),
                   "adjoint": (dict(factored_adjoint=True), 2), "cumsum": (dict(cumsum_kernel=True), 3),
                   "bf16_operands": (dict(bf16_operands=True), 4), "inverse": (dict(inverse_in_blocks=True), 5),
-                  "gate_floor": (dict(gate_floor_kernel=True), 6)}
+                  "gate_floor": (dict(gate_floor_kernel=True), 6),
+                  "bands": (dict(blocks_kernel=False, factored_adjoint=False), 7)}
 
 
 @pytest.mark.gpu
