@@ -23,7 +23,8 @@ MOSAIC_AUTO = True
 # Under a multi-device mesh ``kda(...)`` can run the kernels per shard (``kda_jax.ops.sharded``,
 # shard_map over batch rows and heads; checked on 8 CPU devices with ``chunked`` in its place,
 # tests/ops/test_sharded.py). ``test_gpu_sharded_matches_float64_recurrence`` passed on two H100s
-# at commit eec2f5f (batch rows over ``data``, then heads over ``tensor``), so ``auto`` takes the
+# at commit eec2f5f and on two H200s at 1275933 (batch rows over ``data``, then heads over ``tensor``;
+# with the decode kernel's sharded test), so ``auto`` takes the
 # kernels per shard under such meshes; False sends those calls back to ``chunked``.
 MOSAIC_SHARDED = True
 
