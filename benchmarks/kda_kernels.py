@@ -143,12 +143,13 @@ def jax_impls(unroll_ablation=False):
              # the XLA GEMMs around the kernels on bf16 operands, or on float32 ones (BF16_OPERANDS)
              "kda_jax.mosaic[bf16_operands]": _mosaic_with(bf16_operands=True),
              "kda_jax.mosaic[f32_operands]": _mosaic_with(bf16_operands=False),
-             # the gate floor inside the cumsum kernel (GATE_FLOOR_KERNEL)
+             # the gate floor in XLA before the cumsum kernel, or inside it (GATE_FLOOR_KERNEL)
+             "kda_jax.mosaic[xla_gate_floor]": _mosaic_with(gate_floor_kernel=False),
              "kda_jax.mosaic[gate_floor_kernel]": _mosaic_with(gate_floor_kernel=True),
              # T = (I + L)⁻¹ in gated_blocks' epilogue (INVERSE_IN_BLOCKS)
              "kda_jax.mosaic[inverse_in_blocks]": _mosaic_with(inverse_in_blocks=True),
-             # both
-             "kda_jax.mosaic[floor+inverse]": _mosaic_with(gate_floor_kernel=True, inverse_in_blocks=True)}
+             # the backward through W, U and the inverse by wy.wy_adjoint (WY_ADJOINT_KERNEL)
+             "kda_jax.mosaic[wy_adjoint_kernel]": _mosaic_with(wy_adjoint_kernel=True)}
     if unroll_ablation:
         impls["kda_jax.chunked[unroll=1]"] = _chunked_with_unroll(1)
     try:

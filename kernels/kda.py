@@ -8,7 +8,8 @@ with bounded gates, on the tensor cores with a causal anchor; the exact diagonal
 other rows; masks included) and the diagonal sub-blocks' adjoints in the backward
 (``intra``, or ``adjoint`` with the bounded rows on the tensor cores: ``FACTORED_ADJOINT``; "bands"
 ``band[δ, i] = M[i, i − δ]``, converted from and to blocks here by static gathers); ``wy`` can
-form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off); ``cumsum`` the gate's in-chunk cumsum G
+form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off) and the backward through them and the
+inverse (``WY_ADJOINT_KERNEL``, off); ``cumsum`` the gate's in-chunk cumsum G
 and its adjoint, each in one pass between the caller's layout and the chunk-major one
 (``CUMSUM_KERNEL``). The kernels read q and k, and ``output_pass`` writes o, in the caller's
 ``[B, T, H, K]`` layout (``TIME_MAJOR``). The triangular inverse (unless ``INVERSE_IN_BLOCKS``), the
@@ -108,6 +109,11 @@ GATE_FLOOR_KERNEL = True
 # (0.343 → 0.609) while the XLA fusions it replaces took ~0.23, mid forward 1.274 → 1.311 ms of kernels
 # (benchmarks/NOTES.md v17). Off.
 INVERSE_IN_BLOCKS = False
+# The backward through W, U and the inverse (dW, dKb, dUb, dT, dL and the dv, dβ, dk, dG parts they give)
+# in one kernel (``wy.wy_adjoint``) instead of seven XLA GEMMs and the float32 fusions between them.
+# Interpret-tested (test_wy_kernel.py, test_mosaic.py); off until its GPU tests have run
+# (benchmarks/NOTES.md v18).
+WY_ADJOINT_KERNEL = False
 # q and k reach ``gated_blocks``, ``diagonal_adjoint`` (and ``band_lower``/``band_adjoint``) in the
 # caller's time-major layout, and ``output_pass`` writes o in it: the passes hand them ``_from_chunks``
 # of the chunk-major tensors (and return ``_to_chunks`` of o), which XLA folds into the caller's own
@@ -159,7 +165,8 @@ class MosaicPasses:
                  blocks_kernel: bool | None = None, factors_kernel: bool | None = None,
                  factored_diagonal: bool | None = None, factored_adjoint: bool | None = None,
                  cumsum_kernel: bool | None = None, bf16_operands: bool | None = None,
-                 gate_floor_kernel: bool | None = None, inverse_in_blocks: bool | None = None):
+                 gate_floor_kernel: bool | None = None, inverse_in_blocks: bool | None = None,
+                 wy_adjoint_kernel: bool | None = None):
         self.interpret = bool(interpret)
         self.fused_output = FUSED_OUTPUT if fused_output is None else bool(fused_output)
         self.intra_kernel = INTRA_KERNEL if intra_kernel is None else bool(intra_kernel)
@@ -173,6 +180,7 @@ class MosaicPasses:
         self.time_major = TIME_MAJOR
         self.gate_floor_kernel = GATE_FLOOR_KERNEL if gate_floor_kernel is None else bool(gate_floor_kernel)
         self.inverse_in_blocks = INVERSE_IN_BLOCKS if inverse_in_blocks is None else bool(inverse_in_blocks)
+        self.wy_adjoint_kernel = WY_ADJOINT_KERNEL if wy_adjoint_kernel is None else bool(wy_adjoint_kernel)
 
     def operand(self, x):
         return x.astype(_BF16) if self.bf16_operands else x
@@ -220,6 +228,19 @@ class MosaicPasses:
         W, U, Kd, Qs = wy.forward_factors(q.astype(k.dtype), k, v.astype(k.dtype), G.astype(_F32), beta.astype(_F32),
                                           T.astype(_F32), reads, writes, scale=scale, interpret=self.interpret)
         return W, U, Kd, zones.carries_state(jnp.exp(G[..., -1, :])), Qs
+
+    def wy_adjoint(self, dVn, h, T, k, v, kf, vf, beta, G, zones):
+        if not self.wy_adjoint_kernel:
+            return ScanPasses.wy_adjoint(self, dVn, h, T, k, v, kf, vf, beta, G, zones)
+        shape = (*G.shape[:2], G.shape[-2])
+        reads = jnp.ones(shape, _F32) if zones.zone is None else zones.reading_rows()[:, :, 0, :].astype(_F32)
+        zone = jnp.zeros(shape, _F32) if zones.zone is None else zones.zone[:, :, 0, :].astype(_F32)
+        v = v.astype(k.dtype)
+        if self.time_major:  # XLA folds these into the caller's own arrays
+            k, v = _from_chunks(k), _from_chunks(v)
+        out = wy.wy_adjoint(k, v, G.astype(_F32), beta.astype(_F32), self.operand(T), h.astype(_BF16), dVn,
+                            reads, zone, interpret=self.interpret)
+        return tuple(x.astype(G.dtype) for x in out)
 
     def intra_diag(self, gating, q, k):
         if not self.intra_kernel:
@@ -283,7 +304,8 @@ class MosaicPasses:
     def _key(self):
         return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel,
                 self.factored_diagonal, self.factored_adjoint, self.cumsum_kernel, self.bf16_operands,
-                self.gradient_barrier, self.time_major, self.gate_floor_kernel, self.inverse_in_blocks)
+                self.gradient_barrier, self.time_major, self.gate_floor_kernel, self.inverse_in_blocks,
+                self.wy_adjoint_kernel)
 
     def __hash__(self):
         return hash((type(self), self._key()))
@@ -295,7 +317,7 @@ class MosaicPasses:
 def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, interpret=False,
                fused_output=None, intra_kernel=None, blocks_kernel=None, factors_kernel=None, factored_diagonal=None,
                factored_adjoint=None, cumsum_kernel=None, bf16_operands=None, gate_floor_kernel=None,
-               inverse_in_blocks=None):
+               inverse_in_blocks=None, wy_adjoint_kernel=None):
     """Canonical inputs (``kda_jax.ops.inputs.canonicalize``; g floored or not: ``gate_cumsum`` applies
     the gate floor) -> (o, final state float32).
 
@@ -311,9 +333,11 @@ def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chun
     the gate's gradient by ``cumsum.gate_cumsum`` (default ``CUMSUM_KERNEL``); ``bf16_operands``: the XLA
     GEMMs around the kernels read bf16 (default ``BF16_OPERANDS``); ``gate_floor_kernel``: the gate floor
     inside the cumsum kernel (default ``GATE_FLOOR_KERNEL``); ``inverse_in_blocks``: T = (I + L)⁻¹ in
-    ``gated_blocks``' epilogue (default ``INVERSE_IN_BLOCKS``).
+    ``gated_blocks``' epilogue (default ``INVERSE_IN_BLOCKS``); ``wy_adjoint_kernel``: the backward through
+    W, U and the inverse in ``wy.wy_adjoint`` (default ``WY_ADJOINT_KERNEL``).
     """
     passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel, factors_kernel, factored_diagonal,
-                          factored_adjoint, cumsum_kernel, bf16_operands, gate_floor_kernel, inverse_in_blocks)
+                          factored_adjoint, cumsum_kernel, bf16_operands, gate_floor_kernel, inverse_in_blocks,
+                          wy_adjoint_kernel)
     return kda_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets,
                        chunk_size=chunk_size, passes=passes)

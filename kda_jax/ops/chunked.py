@@ -308,6 +308,23 @@ class ScanPasses:
         f = _wy(kf, vf, beta, G, T, zones, self.operand)
         return f["W"], f["U"], f["Kd"], f["gend"], scale * qf * f["Gamma"]
 
+    def wy_adjoint(self, dVn, h, T, k, v, kf, vf, beta, G, zones: _Zones):
+        """Through W = T·Diag(β)(K⊙Γ) and U = T·Diag(β)V (kda_spec §4.2 step 3) and T = (I + L)⁻¹
+        (steps 4-5), from dVn and the chunk states h: ``(dv, dβ, dk, dG, dL)``, the parts of dk and dG
+        that come through Kb, and dL = −Tᵀ·dT·Tᵀ (strictly lower, per document). k, v in their input
+        dtype (what kernels read), kf, vf, h, dVn in the dtype of G."""
+        mm = lambda a, b: jnp.matmul(self.operand(a), self.operand(b), preferred_element_type=G.dtype)
+        Gamma = zones.reads_state(jnp.exp(G))
+        Kb = beta[..., None] * kf * Gamma
+        dW = -mm(dVn, _mT(h))
+        Tt = _mT(T)
+        dKb = mm(Tt, dW)
+        dUb = mm(Tt, dVn)
+        dbeta = jnp.sum(dUb * vf, -1) + jnp.sum(dKb * kf * Gamma, -1)
+        dT = mm(dW, _mT(Kb)) + mm(dVn, _mT(beta[..., None] * vf))
+        dL = zones.pair(-mm(mm(Tt, dT), Tt), strict=True)
+        return beta[..., None] * dUb, dbeta, beta[..., None] * Gamma * dKb, Kb * dKb, dL
+
     def intra_diag(self, gating: _Gating, q, k):
         """The 16×16 diagonal sub-blocks of the q·k and k·k gated products, ``[2, ..., nc, 16, 16]``
         (q, k in their input dtype; computed in the dtype of G)."""
@@ -426,7 +443,6 @@ def _core_bwd(scale, passes, res, cts):
     dh0, dSn, dVn = passes.reverse(dO, Aqk, Qs, Kd, W, gend, dS_T.astype(acc))
     dSn, dVn = dSn.astype(acc), dVn.astype(acc)
     Gamma, E, _ = _decays(G, zones)
-    Kb = bf[..., None] * kf * Gamma
 
     def mm(a, b):  # the GEMMs read ``passes.operand`` (bf16 on the GPU kernels' path) and accumulate in acc
         return jnp.matmul(passes.operand(a), passes.operand(b), preferred_element_type=acc)
@@ -437,19 +453,12 @@ def _core_bwd(scale, passes, res, cts):
     dG = qf * dq - kf * dk
     dG_last = jnp.sum(h * dSn, axis=-1) * gend.astype(acc) + jnp.sum(kf * dk, axis=-2)
 
-    # WY factors (step 3)
-    dW = -mm(dVn, _mT(h))
-    Tt = _mT(T)
-    dKb = mm(Tt, dW)
-    dUb = mm(Tt, dVn)
-    dv = bf[..., None] * dUb
-    dbeta = jnp.sum(dUb * vf, -1) + jnp.sum(dKb * kf * Gamma, -1)
-    dk = dk + bf[..., None] * Gamma * dKb
-    dG = dG + Kb * dKb
-    dT = mm(dW, _mT(Kb)) + mm(dVn, _mT(bf[..., None] * vf))
+    # WY factors (step 3) and through the inverse to L (steps 4-5)
+    dv, dbeta, dk_wy, dG_wy, dL = passes.wy_adjoint(dVn, h, T, k, v, kf, vf, bf, G, zones)
+    dk = dk + dk_wy
+    dG = dG + dG_wy
 
-    # through the inverse, L and Aqk = s·P (steps 4-6); L_ij = β_i Σ_d K_id K_jd e^{G_id − G_jd}
-    dL = zones.pair(-mm(mm(Tt, dT), Tt), strict=True)
+    # L and Aqk = s·P (step 6); L_ij = β_i Σ_d K_id K_jd e^{G_id − G_jd}
     dP = scale * zones.pair(mm(dO, _mT(Vn)), strict=False)
     dMs = jnp.stack([dL, dP])
     diag_rows, diag_col = passes.intra_diag_adjoint(gating, q, k, bf, dMs)

@@ -141,6 +141,15 @@ def test_interpret_inverse_in_blocks():
                          primal=True)
 
 
+def test_interpret_wy_adjoint_kernel():
+    """The backward through W, U and the inverse by ``wy.wy_adjoint`` (``WY_ADJOINT_KERNEL``) against
+    float64: outputs, final state and every gradient; documents with boundaries inside chunks and at a
+    chunk's first row, GVA, padding, h0, −1000 gates."""
+    x = make_inputs(1, 150, 1, 2, 64, 64, dtype=jnp.bfloat16, gate="strong", seed=9)
+    resets = resets_from_segment_ids(jnp.asarray(_segments(150, [10, 64, 71, 140])[None]))
+    check_against_oracle(_mosaic(resets, wy_adjoint_kernel=True), x, resets=resets, label="mosaic wy adjoint")
+
+
 @pytest.mark.parametrize("switches", [
     pytest.param({}, id="defaults"),
     # the paths that are off by default (suite budget: ``slow``; their GPU tests cover packed documents too)
@@ -285,12 +294,14 @@ def test_gpu_fused_output_packed_documents_h0(dtype):
 # gradient by ``cumsum.gate_cumsum`` (``CUMSUM_KERNEL``); the XLA GEMMs around the kernels on bf16 operands
 # (``BF16_OPERANDS``); T in ``gated_blocks``' epilogue (``INVERSE_IN_BLOCKS``); the gate floor in the cumsum
 # kernel (``GATE_FLOOR_KERNEL``); the diagonal sub-blocks as exact bands both ways (``band_lower``,
-# ``band_adjoint``: ``BLOCKS_KERNEL`` and ``FACTORED_ADJOINT`` off)
+# ``band_adjoint``: ``BLOCKS_KERNEL`` and ``FACTORED_ADJOINT`` off); the backward through W, U and the inverse
+# by ``wy.wy_adjoint`` (``WY_ADJOINT_KERNEL``)
 _CHUNK_KERNELS = {"blocks": (dict(blocks_kernel=True), 0), "factors": (dict(blocks_kernel=True, factors_kernel=True), 1),
                   "adjoint": (dict(factored_adjoint=True), 2), "cumsum": (dict(cumsum_kernel=True), 3),
                   "bf16_operands": (dict(bf16_operands=True), 4), "inverse": (dict(inverse_in_blocks=True), 5),
                   "gate_floor": (dict(gate_floor_kernel=True), 6),
-                  "bands": (dict(blocks_kernel=False, factored_adjoint=False), 7)}
+                  "bands": (dict(blocks_kernel=False, factored_adjoint=False), 7),
+                  "wy_adjoint": (dict(wy_adjoint_kernel=True), 8)}
 
 
 @pytest.mark.gpu
