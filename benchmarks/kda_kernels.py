@@ -149,7 +149,11 @@ def jax_impls(unroll_ablation=False):
              # T = (I + L)⁻¹ in gated_blocks' epilogue (INVERSE_IN_BLOCKS)
              "kda_jax.mosaic[inverse_in_blocks]": _mosaic_with(inverse_in_blocks=True),
              # the backward through W, U and the inverse by wy.wy_adjoint (WY_ADJOINT_KERNEL)
-             "kda_jax.mosaic[wy_adjoint_kernel]": _mosaic_with(wy_adjoint_kernel=True)}
+             "kda_jax.mosaic[wy_adjoint_kernel]": _mosaic_with(wy_adjoint_kernel=True),
+             # the backward's parts through the chunk states by inter.inter_adjoint (INTER_ADJOINT_KERNEL)
+             "kda_jax.mosaic[inter_adjoint_kernel]": _mosaic_with(inter_adjoint_kernel=True),
+             # both backward kernels
+             "kda_jax.mosaic[backward_kernels]": _mosaic_with(wy_adjoint_kernel=True, inter_adjoint_kernel=True)}
     if unroll_ablation:
         impls["kda_jax.chunked[unroll=1]"] = _chunked_with_unroll(1)
     try:

@@ -9,7 +9,8 @@ other rows; masks included) and the diagonal sub-blocks' adjoints in the backwar
 (``intra``, or ``adjoint`` with the bounded rows on the tensor cores: ``FACTORED_ADJOINT``; "bands"
 ``band[δ, i] = M[i, i − δ]``, converted from and to blocks here by static gathers); ``wy`` can
 form the forward's W, U, Kd, Qs (``FACTORS_KERNEL``, off) and the backward through them and the
-inverse (``WY_ADJOINT_KERNEL``, off); ``cumsum`` the gate's in-chunk cumsum G
+inverse (``WY_ADJOINT_KERNEL``, off); ``inter`` the backward's parts through the chunk states
+(``INTER_ADJOINT_KERNEL``, off); ``cumsum`` the gate's in-chunk cumsum G
 and its adjoint, each in one pass between the caller's layout and the chunk-major one
 (``CUMSUM_KERNEL``). The kernels read q and k, and ``output_pass`` writes o, in the caller's
 ``[B, T, H, K]`` layout (``TIME_MAJOR``). The triangular inverse (unless ``INVERSE_IN_BLOCKS``), the
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kda_jax.kernels import adjoint, blocks, cumsum, intra, state_pass, wy
+from kda_jax.kernels import adjoint, blocks, cumsum, inter, intra, state_pass, wy
 from kda_jax.ops.chunked import ScanPasses, _diag_blocks, _from_chunks, _to_chunks, kda_chunked
 from kda_jax.ops.inputs import GATE_FLOOR, apply_gate_floor
 
@@ -114,6 +115,11 @@ INVERSE_IN_BLOCKS = False
 # Interpret-tested (test_wy_kernel.py, test_mosaic.py); off until its GPU tests have run
 # (benchmarks/NOTES.md v18).
 WY_ADJOINT_KERNEL = False
+# The backward's parts through the chunk states (dq = s·(dO·hᵀ)⊙Γ, dk = (Vn·dSnᵀ)⊙E, their dG, the state
+# decay's part of dG's last rows, and dP = s·dO·Vnᵀ) in one kernel (``inter.inter_adjoint``) instead of
+# three XLA GEMMs and the float32 fusions around them. Interpret-tested (test_inter_kernel.py,
+# test_mosaic.py); off until its GPU tests have run (benchmarks/NOTES.md v19).
+INTER_ADJOINT_KERNEL = False
 # q and k reach ``gated_blocks``, ``diagonal_adjoint`` (and ``band_lower``/``band_adjoint``) in the
 # caller's time-major layout, and ``output_pass`` writes o in it: the passes hand them ``_from_chunks``
 # of the chunk-major tensors (and return ``_to_chunks`` of o), which XLA folds into the caller's own
@@ -158,6 +164,15 @@ def blocks_to_col_bands(M):
     return _to_chunk_rows(_take(M.swapaxes(-1, -2), (_R + _C) % _SUB, _R + _C < _SUB))  # [.., j, δ]
 
 
+def _row_masks(zones, G):
+    """Float32 ``[N, B, C]`` rows for the kernels: (reads the incoming state, writes the outgoing one,
+    document count inside the chunk), from ``chunked._Zones`` (None: one document)."""
+    shape = (*G.shape[:2], G.shape[-2])
+    if zones.zone is None:
+        return jnp.ones(shape, _F32), jnp.ones(shape, _F32), jnp.zeros(shape, _F32)
+    return tuple(m[:, :, 0, :].astype(_F32) for m in (zones.reading_rows(), zones.writing_rows(), zones.zone))
+
+
 class MosaicPasses:
     """The ``passes`` interface of ``kda_jax.ops.chunked`` on the state-pass and intra kernels."""
 
@@ -166,7 +181,7 @@ class MosaicPasses:
                  factored_diagonal: bool | None = None, factored_adjoint: bool | None = None,
                  cumsum_kernel: bool | None = None, bf16_operands: bool | None = None,
                  gate_floor_kernel: bool | None = None, inverse_in_blocks: bool | None = None,
-                 wy_adjoint_kernel: bool | None = None):
+                 wy_adjoint_kernel: bool | None = None, inter_adjoint_kernel: bool | None = None):
         self.interpret = bool(interpret)
         self.fused_output = FUSED_OUTPUT if fused_output is None else bool(fused_output)
         self.intra_kernel = INTRA_KERNEL if intra_kernel is None else bool(intra_kernel)
@@ -181,14 +196,20 @@ class MosaicPasses:
         self.gate_floor_kernel = GATE_FLOOR_KERNEL if gate_floor_kernel is None else bool(gate_floor_kernel)
         self.inverse_in_blocks = INVERSE_IN_BLOCKS if inverse_in_blocks is None else bool(inverse_in_blocks)
         self.wy_adjoint_kernel = WY_ADJOINT_KERNEL if wy_adjoint_kernel is None else bool(wy_adjoint_kernel)
+        self.inter_adjoint_kernel = (INTER_ADJOINT_KERNEL if inter_adjoint_kernel is None
+                                     else bool(inter_adjoint_kernel))
 
     def operand(self, x):
         return x.astype(_BF16) if self.bf16_operands else x
 
+    def _layout(self, *xs):
+        """Chunk-major operands as the kernels read them: in the caller's layout with ``TIME_MAJOR``
+        (XLA folds the transposes into the caller's own arrays)."""
+        return tuple(_from_chunks(x) for x in xs) if self.time_major else xs
+
     def _qk(self, q, k):
         """q (in k's dtype) and k as the kernels read them (``TIME_MAJOR``)."""
-        q = q.astype(k.dtype)
-        return (_from_chunks(q), _from_chunks(k)) if self.time_major else (q, k)
+        return self._layout(q.astype(k.dtype), k)
 
     def gate_cumsum(self, a, chunk_size):
         # a arrives before the gate floor (the implementation ``floors_gate``); a floored a is unchanged
@@ -200,8 +221,7 @@ class MosaicPasses:
 
     def _blocks_kernel(self, gating, q, k, beta, zones, scale, inverse=None):
         G = gating.G
-        zone = (jnp.zeros((*G.shape[:2], G.shape[-2]), _F32) if zones.zone is None
-                else zones.zone[:, :, 0, :].astype(_F32))
+        _, _, zone = _row_masks(zones, G)
         return blocks.gated_blocks(*self._qk(q, k), G.astype(_F32), beta.astype(_F32), zone, scale=scale,
                                    interpret=self.interpret, factored=self.factored_diagonal, inverse=inverse)
 
@@ -223,8 +243,7 @@ class MosaicPasses:
             W, U, Kd, gend, Qs = ScanPasses.forward_factors(self, q, k, v, qf, kf, vf, beta, G, T, zones, scale)
             W, U, Kd, Qs = (self.operand(x) for x in (W, U, Kd, Qs))  # what the state passes read
             return W, U, Kd, gend, Qs
-        rows = lambda m: (jnp.ones((*G.shape[:2], G.shape[-2]), _F32) if m is None else m[:, :, 0, :].astype(_F32))
-        reads, writes = rows(zones.reading_rows()), rows(zones.writing_rows())
+        reads, writes, _ = _row_masks(zones, G)
         W, U, Kd, Qs = wy.forward_factors(q.astype(k.dtype), k, v.astype(k.dtype), G.astype(_F32), beta.astype(_F32),
                                           T.astype(_F32), reads, writes, scale=scale, interpret=self.interpret)
         return W, U, Kd, zones.carries_state(jnp.exp(G[..., -1, :])), Qs
@@ -232,14 +251,19 @@ class MosaicPasses:
     def wy_adjoint(self, dVn, h, T, k, v, kf, vf, beta, G, zones):
         if not self.wy_adjoint_kernel:
             return ScanPasses.wy_adjoint(self, dVn, h, T, k, v, kf, vf, beta, G, zones)
-        shape = (*G.shape[:2], G.shape[-2])
-        reads = jnp.ones(shape, _F32) if zones.zone is None else zones.reading_rows()[:, :, 0, :].astype(_F32)
-        zone = jnp.zeros(shape, _F32) if zones.zone is None else zones.zone[:, :, 0, :].astype(_F32)
-        v = v.astype(k.dtype)
-        if self.time_major:  # XLA folds these into the caller's own arrays
-            k, v = _from_chunks(k), _from_chunks(v)
+        reads, _, zone = _row_masks(zones, G)
+        k, v = self._layout(k, v.astype(k.dtype))
         out = wy.wy_adjoint(k, v, G.astype(_F32), beta.astype(_F32), self.operand(T), h.astype(_BF16), dVn,
                             reads, zone, interpret=self.interpret)
+        return tuple(x.astype(G.dtype) for x in out)
+
+    def inter_adjoint(self, dO, h, Vn, dSn, q, k, qf, kf, G, gend, zones, scale):
+        if not self.inter_adjoint_kernel:
+            return ScanPasses.inter_adjoint(self, dO, h, Vn, dSn, q, k, qf, kf, G, gend, zones, scale)
+        reads, writes, zone = _row_masks(zones, G)
+        q, k = self._layout(q.astype(k.dtype), k)
+        out = inter.inter_adjoint(q, k, G.astype(_F32), gend.astype(_F32), dO.astype(_BF16), h.astype(_BF16),
+                                  Vn.astype(_BF16), dSn, reads, writes, zone, scale=scale, interpret=self.interpret)
         return tuple(x.astype(G.dtype) for x in out)
 
     def intra_diag(self, gating, q, k):
@@ -305,7 +329,7 @@ class MosaicPasses:
         return (self.interpret, self.fused_output, self.intra_kernel, self.blocks_kernel, self.factors_kernel,
                 self.factored_diagonal, self.factored_adjoint, self.cumsum_kernel, self.bf16_operands,
                 self.gradient_barrier, self.time_major, self.gate_floor_kernel, self.inverse_in_blocks,
-                self.wy_adjoint_kernel)
+                self.wy_adjoint_kernel, self.inter_adjoint_kernel)
 
     def __hash__(self):
         return hash((type(self), self._key()))
@@ -317,7 +341,7 @@ class MosaicPasses:
 def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chunk_size=64, interpret=False,
                fused_output=None, intra_kernel=None, blocks_kernel=None, factors_kernel=None, factored_diagonal=None,
                factored_adjoint=None, cumsum_kernel=None, bf16_operands=None, gate_floor_kernel=None,
-               inverse_in_blocks=None, wy_adjoint_kernel=None):
+               inverse_in_blocks=None, wy_adjoint_kernel=None, inter_adjoint_kernel=None):
     """Canonical inputs (``kda_jax.ops.inputs.canonicalize``; g floored or not: ``gate_cumsum`` applies
     the gate floor) -> (o, final state float32).
 
@@ -334,10 +358,11 @@ def kda_mosaic(q, k, v, g, beta, *, scale, initial_state=None, resets=None, chun
     GEMMs around the kernels read bf16 (default ``BF16_OPERANDS``); ``gate_floor_kernel``: the gate floor
     inside the cumsum kernel (default ``GATE_FLOOR_KERNEL``); ``inverse_in_blocks``: T = (I + L)⁻¹ in
     ``gated_blocks``' epilogue (default ``INVERSE_IN_BLOCKS``); ``wy_adjoint_kernel``: the backward through
-    W, U and the inverse in ``wy.wy_adjoint`` (default ``WY_ADJOINT_KERNEL``).
+    W, U and the inverse in ``wy.wy_adjoint`` (default ``WY_ADJOINT_KERNEL``); ``inter_adjoint_kernel``: the
+    backward's parts through the chunk states in ``inter.inter_adjoint`` (default ``INTER_ADJOINT_KERNEL``).
     """
     passes = MosaicPasses(interpret, fused_output, intra_kernel, blocks_kernel, factors_kernel, factored_diagonal,
                           factored_adjoint, cumsum_kernel, bf16_operands, gate_floor_kernel, inverse_in_blocks,
-                          wy_adjoint_kernel)
+                          wy_adjoint_kernel, inter_adjoint_kernel)
     return kda_chunked(q, k, v, g, beta, scale=scale, initial_state=initial_state, resets=resets,
                        chunk_size=chunk_size, passes=passes)

@@ -308,6 +308,20 @@ class ScanPasses:
         f = _wy(kf, vf, beta, G, T, zones, self.operand)
         return f["W"], f["U"], f["Kd"], f["gend"], scale * qf * f["Gamma"]
 
+    def inter_adjoint(self, dO, h, Vn, dSn, q, k, qf, kf, G, gend, zones: _Zones, scale):
+        """The parts that come through the chunk states (kda_spec §4.2 step 2), from dO, h, Vn and dSn
+        (the gradient of the state leaving each chunk): ``(dq, dk, dG, dP)`` with dq = s·(dO·hᵀ)⊙Γ,
+        dk = (Vn·dSnᵀ)⊙E, dG = Q⊙dq − K⊙dk plus, on each chunk's last row, the state decay's part
+        Σ_v h⊙dSn·gend + Σ_i K⊙dk, and dP = s·dO·Vnᵀ (lower incl. the diagonal, per document). q, k in
+        their input dtype (what kernels read), the rest in the dtype of G; gend the state's decay."""
+        mm = lambda a, b: jnp.matmul(self.operand(a), self.operand(b), preferred_element_type=G.dtype)
+        Gamma, E, _ = _decays(G, zones)
+        dq = scale * mm(dO, _mT(h)) * Gamma
+        dk = mm(Vn, _mT(dSn)) * E
+        dG = qf * dq - kf * dk
+        dG = dG.at[..., -1, :].add(jnp.sum(h * dSn, axis=-1) * gend.astype(G.dtype) + jnp.sum(kf * dk, axis=-2))
+        return dq, dk, dG, scale * zones.pair(mm(dO, _mT(Vn)), strict=False)
+
     def wy_adjoint(self, dVn, h, T, k, v, kf, vf, beta, G, zones: _Zones):
         """Through W = T·Diag(β)(K⊙Γ) and U = T·Diag(β)V (kda_spec §4.2 step 3) and T = (I + L)⁻¹
         (steps 4-5), from dVn and the chunk states h: ``(dv, dβ, dk, dG, dL)``, the parts of dk and dG
@@ -442,16 +456,9 @@ def _core_bwd(scale, passes, res, cts):
     dO = dO.astype(acc)
     dh0, dSn, dVn = passes.reverse(dO, Aqk, Qs, Kd, W, gend, dS_T.astype(acc))
     dSn, dVn = dSn.astype(acc), dVn.astype(acc)
-    Gamma, E, _ = _decays(G, zones)
 
-    def mm(a, b):  # the GEMMs read ``passes.operand`` (bf16 on the GPU kernels' path) and accumulate in acc
-        return jnp.matmul(passes.operand(a), passes.operand(b), preferred_element_type=acc)
-
-    # inter-chunk parts (step 2)
-    dq = scale * mm(dO, _mT(h)) * Gamma
-    dk = mm(Vn, _mT(dSn)) * E
-    dG = qf * dq - kf * dk
-    dG_last = jnp.sum(h * dSn, axis=-1) * gend.astype(acc) + jnp.sum(kf * dk, axis=-2)
+    # inter-chunk parts (step 2) and dP = s·dO·Vnᵀ
+    dq, dk, dG, dP = passes.inter_adjoint(dO, h, Vn, dSn, q, k, qf, kf, G, gend, zones, scale)
 
     # WY factors (step 3) and through the inverse to L (steps 4-5)
     dv, dbeta, dk_wy, dG_wy, dL = passes.wy_adjoint(dVn, h, T, k, v, kf, vf, bf, G, zones)
@@ -459,7 +466,6 @@ def _core_bwd(scale, passes, res, cts):
     dG = dG + dG_wy
 
     # L and Aqk = s·P (step 6); L_ij = β_i Σ_d K_id K_jd e^{G_id − G_jd}
-    dP = scale * zones.pair(mm(dO, _mT(Vn)), strict=False)
     dMs = jnp.stack([dL, dP])
     diag_rows, diag_col = passes.intra_diag_adjoint(gating, q, k, bf, dMs)
     row_L, row_P = gating.row_adjoint(dMs, kf, diag_rows, passes.operand)
@@ -471,9 +477,8 @@ def _core_bwd(scale, passes, res, cts):
     dk = dk + col
     dG = dG - kf * col
 
-    # dG whole; the reverse in-chunk sum to the per-token log decay (step 7) is the VJP of
-    # ``passes.gate_cumsum``
-    dG = dG.at[..., -1, :].add(dG_last)
+    # dG whole (its last row took the state's part in ``inter_adjoint``); the reverse in-chunk sum to
+    # the per-token log decay (step 7) is the VJP of ``passes.gate_cumsum``
     grads = passes.gradients(dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dG.astype(G.dtype),
                              dbeta.astype(beta.dtype))
     return (*grads, dh0.astype(h0.dtype), None)

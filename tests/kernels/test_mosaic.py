@@ -141,13 +141,26 @@ def test_interpret_inverse_in_blocks():
                          primal=True)
 
 
-def test_interpret_wy_adjoint_kernel():
-    """The backward through W, U and the inverse by ``wy.wy_adjoint`` (``WY_ADJOINT_KERNEL``) against
-    float64: outputs, final state and every gradient; documents with boundaries inside chunks and at a
-    chunk's first row, GVA, padding, h0, −1000 gates."""
-    x = make_inputs(1, 150, 1, 2, 64, 64, dtype=jnp.bfloat16, gate="strong", seed=9)
-    resets = resets_from_segment_ids(jnp.asarray(_segments(150, [10, 64, 71, 140])[None]))
-    check_against_oracle(_mosaic(resets, wy_adjoint_kernel=True), x, resets=resets, label="mosaic wy adjoint")
+@pytest.mark.parametrize("switches,gate", [
+    pytest.param(dict(wy_adjoint_kernel=True), "strong", id="wy"),
+    pytest.param(dict(inter_adjoint_kernel=True), "strong", id="inter"),
+    pytest.param(dict(inter_adjoint_kernel=True), "mild", id="inter-mild"),
+    pytest.param(dict(wy_adjoint_kernel=True, inter_adjoint_kernel=True), "mild", id="both", marks=pytest.mark.slow),
+])
+def test_interpret_backward_kernels(switches, gate):
+    """The backward through W, U and the inverse by ``wy.wy_adjoint`` (``WY_ADJOINT_KERNEL``) and its parts
+    through the chunk states by ``inter.inter_adjoint`` (``INTER_ADJOINT_KERNEL``) against float64:
+    outputs, final state and every gradient; GVA, padding, h0; −1000 gates and documents with boundaries
+    inside chunks and at a chunk's first row (``strong``), or one document with gates ~50× weaker than
+    ``normal``, so that the state carries across whole chunks (e^{G_end} ~ 0.4, where ``normal`` gives
+    ~e^{-50}) and dg depends on it (``mild``)."""
+    x = make_inputs(1, 150, 1, 2, 64, 64, dtype=jnp.bfloat16, gate="normal" if gate == "mild" else gate, seed=9)
+    resets = None
+    if gate == "mild":
+        x["g"] = x["g"] * 0.02
+    else:
+        resets = resets_from_segment_ids(jnp.asarray(_segments(150, [10, 64, 71, 140])[None]))
+    check_against_oracle(_mosaic(resets, **switches), x, resets=resets, label=f"mosaic {switches}")
 
 
 @pytest.mark.parametrize("switches", [
@@ -295,13 +308,15 @@ def test_gpu_fused_output_packed_documents_h0(dtype):
 # (``BF16_OPERANDS``); T in ``gated_blocks``' epilogue (``INVERSE_IN_BLOCKS``); the gate floor in the cumsum
 # kernel (``GATE_FLOOR_KERNEL``); the diagonal sub-blocks as exact bands both ways (``band_lower``,
 # ``band_adjoint``: ``BLOCKS_KERNEL`` and ``FACTORED_ADJOINT`` off); the backward through W, U and the inverse
-# by ``wy.wy_adjoint`` (``WY_ADJOINT_KERNEL``)
+# by ``wy.wy_adjoint`` (``WY_ADJOINT_KERNEL``); the parts through the chunk states by ``inter.inter_adjoint``
+# (``INTER_ADJOINT_KERNEL``)
 _CHUNK_KERNELS = {"blocks": (dict(blocks_kernel=True), 0), "factors": (dict(blocks_kernel=True, factors_kernel=True), 1),
                   "adjoint": (dict(factored_adjoint=True), 2), "cumsum": (dict(cumsum_kernel=True), 3),
                   "bf16_operands": (dict(bf16_operands=True), 4), "inverse": (dict(inverse_in_blocks=True), 5),
                   "gate_floor": (dict(gate_floor_kernel=True), 6),
                   "bands": (dict(blocks_kernel=False, factored_adjoint=False), 7),
-                  "wy_adjoint": (dict(wy_adjoint_kernel=True), 8)}
+                  "wy_adjoint": (dict(wy_adjoint_kernel=True), 8),
+                  "inter_adjoint": (dict(inter_adjoint_kernel=True), 9)}
 
 
 @pytest.mark.gpu
