@@ -95,7 +95,8 @@ def test_state_pass_rejects_wrong_operands():
     ((1, 130, 1, 2, 64, 128), jnp.bfloat16, "strong", False, True, False),  # GVA, V = 128, gates of -1000
     ((1, 100, 1, 2, 64, 64), jnp.bfloat16, "strong", True, True, False),    # the fused-output forward kernel
     ((1, 130, 1, 2, 64, 128), jnp.float32, "strong", True, True, True),     # W, U, Kd, Qs by ``wy`` too
-], ids=["pad-f32-xla-blocks", "gva-bf16-strong", "fused-output", "factors-kernel"])
+    ((1, 150, 1, 2, 64, 64), jnp.bfloat16, "mild", True, True, False),     # the state crosses whole chunks
+], ids=["pad-f32-xla-blocks", "gva-bf16-strong", "fused-output", "factors-kernel", "mild-gates"])
 def test_interpret_matches_float64_recurrence(shape, dtype, gate, fused, blocks, factors):
     x = make_inputs(*shape, dtype=dtype, gate=gate, seed=sum(shape))
     check_against_oracle(_mosaic(fused_output=fused, blocks_kernel=blocks, factors_kernel=factors,
@@ -151,15 +152,10 @@ def test_interpret_backward_kernels(switches, gate):
     """The backward through W, U and the inverse by ``wy.wy_adjoint`` (``WY_ADJOINT_KERNEL``) and its parts
     through the chunk states by ``inter.inter_adjoint`` (``INTER_ADJOINT_KERNEL``) against float64:
     outputs, final state and every gradient; GVA, padding, h0; −1000 gates and documents with boundaries
-    inside chunks and at a chunk's first row (``strong``), or one document with gates ~50× weaker than
-    ``normal``, so that the state carries across whole chunks (e^{G_end} ~ 0.4, where ``normal`` gives
-    ~e^{-50}) and dg depends on it (``mild``)."""
-    x = make_inputs(1, 150, 1, 2, 64, 64, dtype=jnp.bfloat16, gate="normal" if gate == "mild" else gate, seed=9)
-    resets = None
-    if gate == "mild":
-        x["g"] = x["g"] * 0.02
-    else:
-        resets = resets_from_segment_ids(jnp.asarray(_segments(150, [10, 64, 71, 140])[None]))
+    inside chunks and at a chunk's first row (``strong``), or one document with ``mild`` gates, so that
+    the state carries across whole chunks and dg depends on it."""
+    x = make_inputs(1, 150, 1, 2, 64, 64, dtype=jnp.bfloat16, gate=gate, seed=9)
+    resets = None if gate == "mild" else resets_from_segment_ids(jnp.asarray(_segments(150, [10, 64, 71, 140])[None]))
     check_against_oracle(_mosaic(resets, **switches), x, resets=resets, label=f"mosaic {switches}")
 
 
@@ -346,6 +342,17 @@ def test_gpu_chunk_kernels_packed_documents_f32(kernels):
                                                            _segments(T, [128, 640])])))
     check_against_oracle(_mosaic(resets, interpret=False, **switches), x, resets=resets,
                          label=f"mosaic {kernels} gpu packed f32", primal=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernels", ["defaults", "backward_kernels"])
+def test_gpu_mild_gates(kernels):
+    """``mild`` gates, one document per row: the state crosses whole chunks (e^{G_end} ~ 0.4), so o, the
+    final state and dg depend on its decay, which ``normal`` and ``strong`` gates (~e^{-50} per chunk)
+    leave near zero; with the defaults and with both backward kernels (``wy_adjoint``, ``inter_adjoint``)."""
+    switches = dict(wy_adjoint_kernel=True, inter_adjoint_kernel=True) if kernels == "backward_kernels" else {}
+    x = make_inputs(2, 2048, 4, 4, 128, 128, dtype=jnp.bfloat16, gate="mild", seed=33)
+    check_against_oracle(_mosaic(interpret=False, **switches), x, label=f"mosaic gpu mild {kernels}", primal=True)
 
 
 @pytest.mark.gpu

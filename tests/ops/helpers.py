@@ -29,7 +29,11 @@ def assert_close(name: str, x, ref, tol: float) -> None:
 
 
 def make_inputs(B, T, H, HV, K, V, *, dtype=jnp.float32, gate="normal", seed=0, h0=True):
-    """Canonical inputs: L2-normalised q, k; g = -softplus(N(0,1)) (or strong / zero); β = σ(N(0,1))."""
+    """Canonical inputs: L2-normalised q, k; g = -softplus(N(0,1)) (or strong / mild / zero); β = σ(N(0,1)).
+
+    ``normal`` decays the state by ~e^{-50} over a 64-token chunk, so what crosses a whole chunk is
+    ~0; ``mild`` (g × 0.02, e^{G_end} ~ 0.4) keeps it and what depends on it (dg through the state's
+    decay) visible; ``strong`` adds −1000 entries and a run of −50; ``zero``: no decay."""
     rng = np.random.default_rng(seed)
     unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
     q = unit(rng.standard_normal((B, T, H, K)))
@@ -39,6 +43,8 @@ def make_inputs(B, T, H, HV, K, V, *, dtype=jnp.float32, gate="normal", seed=0, 
     if gate == "strong":
         g[rng.random(g.shape) < 0.05] = -1000.0
         g[:, T // 3 : T // 3 + 64, : max(1, HV // 2)] = -50.0
+    elif gate == "mild":
+        g *= 0.02
     elif gate == "zero":
         g[:] = 0.0
     beta = 1.0 / (1.0 + np.exp(-rng.standard_normal((B, T, HV))))
