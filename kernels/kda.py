@@ -261,8 +261,7 @@ class MosaicPasses:
         if not self.inter_adjoint_kernel:
             return ScanPasses.inter_adjoint(self, dO, h, Vn, dSn, q, k, qf, kf, G, gend, zones, scale)
         reads, writes, zone = _row_masks(zones, G)
-        q, k = self._layout(q.astype(k.dtype), k)
-        out = inter.inter_adjoint(q, k, G.astype(_F32), gend.astype(_F32), dO.astype(_BF16), h.astype(_BF16),
+        out = inter.inter_adjoint(*self._qk(q, k), G.astype(_F32), gend.astype(_F32), dO.astype(_BF16), h.astype(_BF16),
                                   Vn.astype(_BF16), dSn, reads, writes, zone, scale=scale, interpret=self.interpret)
         return tuple(x.astype(G.dtype) for x in out)
 

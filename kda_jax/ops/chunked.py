@@ -318,8 +318,10 @@ class ScanPasses:
         Gamma, E, _ = _decays(G, zones)
         dq = scale * mm(dO, _mT(h)) * Gamma
         dk = mm(Vn, _mT(dSn)) * E
-        dG = qf * dq - kf * dk
-        dG = dG.at[..., -1, :].add(jnp.sum(h * dSn, axis=-1) * gend.astype(G.dtype) + jnp.sum(kf * dk, axis=-2))
+        state = jnp.sum(h * dSn, axis=-1) * gend.astype(G.dtype) + jnp.sum(kf * dk, axis=-2)
+        # added where the last row is, not by an update in place: it fuses with the consumers of dG
+        last = np.arange(G.shape[-2])[:, None] == G.shape[-2] - 1
+        dG = qf * dq - kf * dk + jnp.where(last, state[..., None, :], 0.0)
         return dq, dk, dG, scale * zones.pair(mm(dO, _mT(Vn)), strict=False)
 
     def wy_adjoint(self, dVn, h, T, k, v, kf, vf, beta, G, zones: _Zones):
