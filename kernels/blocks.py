@@ -126,6 +126,14 @@ def bounded_rows(G):
     return ok.astype(_F32), jnp.all(ok, axis=-1).astype(jnp.int32)
 
 
+def same_document(z_ref, C):
+    """``[C, C]`` WGMMA-layout mask: rows i and j of the chunk lie in one document (``z_ref``: the chunk's
+    ``[C]`` document counts)."""
+    zr = lax.broadcast_in_dim(plgpu.load(z_ref, layout=_ROW, optimized=False), (C, C), [0])
+    zc = lax.broadcast_in_dim(plgpu.load(z_ref, layout=_COL, optimized=False), (C, C), [1])
+    return zr == zc
+
+
 def _split_product(a, b, smem, C):
     """a·b ``[C, C]`` float32 on the tensor cores with both operands split into bf16 high and low
     parts (hi·hi + hi·lo + lo·hi); ``smem`` ``[4, C, C]`` bf16 holds the parts."""
@@ -245,9 +253,7 @@ def gated_blocks(q, k, G, beta, zone, *, scale, interpret=False, buffers=None, b
             return tuple(jnp.where((dist == d) & exact, row_vec(o_s.at[s, d]), m) for s, m in enumerate(pr))
 
         P, R = lax.fori_loop(0, SUB, diagonal, (P, R))
-        zr = lax.broadcast_in_dim(plgpu.load(z_ref.at[n, b], layout=_ROW, optimized=False), (C, C), [0])
-        zc = lax.broadcast_in_dim(plgpu.load(z_ref.at[n, b], layout=_COL, optimized=False), (C, C), [1])
-        same = zr == zc
+        same = same_document(z_ref.at[n, b], C)
         a_ref.at[idx][...] = jnp.where((dist >= 0) & same, scale * P, 0.0)
         L = jnp.where((dist > 0) & same, row_vec(b_ref.at[idx]) * R, 0.0)
         if inverse is not None:

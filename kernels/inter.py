@@ -26,7 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kda_jax.kernels import intra
-from kda_jax.kernels.blocks import _COL, BLOCK_D
+from kda_jax.kernels.blocks import _COL, BLOCK_D, same_document
 from kda_jax.kernels.state_pass import _BF16, _F32, _ROW, _WG, _mm, _tiled, check_operand, chunk
 
 
@@ -89,11 +89,10 @@ def inter_adjoint(q, k, G, gend, dO, h, Vn, dSn, reads, writes, zone, *, scale, 
             dk_out.at[idx].at[:, blk(i)][...] = dk
             dg_out.at[idx].at[:, blk(i)][...] = qx * dq - kx * dk + jnp.where(last, cols(state), 0.0)
         dp = scale * _mm((C, C), *((do_s.at[j], vn_s.at[j].T) for j in range(nv)))
-        r_i = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=_WG)
-        c_j = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=_WG)
-        zr = lax.broadcast_in_dim(plgpu.load(z_ref.at[n, b], layout=_ROW, optimized=False), (C, C), [0])
-        zc = lax.broadcast_in_dim(plgpu.load(z_ref.at[n, b], layout=_COL, optimized=False), (C, C), [1])
-        dp_out.at[idx][...] = jnp.where((r_i >= c_j) & (zr == zc), dp, 0.0)
+        dist = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=_WG) - plgpu.broadcasted_iota(
+            jnp.int32, (C, C), 1, layout=_WG)
+        same = same_document(z_ref.at[n, b], C)
+        dp_out.at[idx][...] = jnp.where((dist >= 0) & same, dp, 0.0)
 
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, _F32)
     out = (f32(N, B, H, C, K), f32(N, B, H, C, K), f32(N, B, H, C, K), f32(N, B, H, C, C))

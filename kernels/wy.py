@@ -36,7 +36,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from kda_jax.kernels import intra
-from kda_jax.kernels.blocks import _COL, BLOCK_D
+from kda_jax.kernels.blocks import _COL, BLOCK_D, same_document
 from kda_jax.kernels.state_pass import _BF16, _F32, _ROW, _WG, _mm, _tiled, check_operand, chunk
 
 
@@ -161,11 +161,10 @@ def wy_adjoint(k, v, G, beta, T, h, dVn, reads, zone, *, interpret=False):
         m_s[...] = tdt.astype(_BF16)
         plgpu.commit_smem()
         dL = -_mm((C, C), (m_s, t_s.T))
-        r_i = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=_WG)
-        c_j = plgpu.broadcasted_iota(jnp.int32, (C, C), 1, layout=_WG)
-        zr = lax.broadcast_in_dim(plgpu.load(z_ref.at[n, b], layout=_ROW, optimized=False), (C, C), [0])
-        zc = lax.broadcast_in_dim(plgpu.load(z_ref.at[n, b], layout=_COL, optimized=False), (C, C), [1])
-        dl_out.at[idx][...] = jnp.where((r_i > c_j) & (zr == zc), dL, 0.0)
+        dist = plgpu.broadcasted_iota(jnp.int32, (C, C), 0, layout=_WG) - plgpu.broadcasted_iota(
+            jnp.int32, (C, C), 1, layout=_WG)
+        same = same_document(z_ref.at[n, b], C)
+        dl_out.at[idx][...] = jnp.where((dist > 0) & same, dL, 0.0)
 
     f32 = lambda *shape: jax.ShapeDtypeStruct(shape, _F32)
     out = (f32(N, B, H, C, V), f32(N, B, H, C), f32(N, B, H, C, K), f32(N, B, H, C, K), f32(N, B, H, C, C))
